@@ -1,0 +1,14 @@
+"""infalign_jax: inference-aware alignment (InfAlign, CTRL) in JAX.
+
+Calibrate each reward against reference-policy samples for the same prompt,
+transform it for the inference-time procedure (best-of-N, worst-of-N), then
+run KL-regularized RL on the transformed reward.
+
+References:
+  Balashankar, Sun et al., "InfAlign: Inference-aware language model
+  alignment", ICML 2025, arXiv:2412.19792.
+"""
+
+__version__ = '0.1.0'
+
+__all__ = ('__version__',)
