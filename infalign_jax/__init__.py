@@ -12,6 +12,12 @@ References:
 from infalign_jax import calibration
 from infalign_jax.calibration import calibrated_rewards
 from infalign_jax.calibration import sort_reference_rewards
+from infalign_jax import models
+from infalign_jax.models import TransformerConfig
+from infalign_jax.models import init_lm
+from infalign_jax.models import init_reward_model
+from infalign_jax.models import lm_logits
+from infalign_jax.models import reward_scores
 
 __version__ = '0.1.0'
 
@@ -20,4 +26,10 @@ __all__ = (
     'calibration',
     'calibrated_rewards',
     'sort_reference_rewards',
+    'models',
+    'TransformerConfig',
+    'init_lm',
+    'init_reward_model',
+    'lm_logits',
+    'reward_scores',
 )
