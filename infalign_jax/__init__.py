@@ -12,6 +12,8 @@ References:
 from infalign_jax import calibration
 from infalign_jax.calibration import calibrated_rewards
 from infalign_jax.calibration import sort_reference_rewards
+from infalign_jax import transforms
+from infalign_jax.transforms import make_transform
 from infalign_jax import models
 from infalign_jax.models import TransformerConfig
 from infalign_jax.models import init_lm
