@@ -19,7 +19,7 @@ from infalign_jax.data import fetch, synthetic, vader_ratings
 
 # Examples per subset in the killed build: enough that building takes about a
 # second, which leaves time to kill it half-way.
-_KILLED_BUILD_SIZE = 3_000
+_KILLED_BUILD_SIZE = 1_500
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = REPO_ROOT / 'data'
 requires_real_archive = pytest.mark.skipif(
@@ -63,9 +63,11 @@ def _split_by_formula(example_id: str) -> str:
   """Reference for split_for_id, written from its docstring."""
   digest = hashlib.sha256(example_id.encode()).digest()
   fraction = int.from_bytes(digest[:8], 'big') / 2**64
-  return (
-      'train' if fraction < 0.8 else 'validation' if fraction < 0.9 else 'test'
-  )
+  if fraction < 0.8:
+    return 'train'
+  if fraction < 0.9:
+    return 'validation'
+  return 'test'
 
 
 class ParseTest(parameterized.TestCase):

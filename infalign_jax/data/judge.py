@@ -4,8 +4,8 @@ Notation: B texts.
 
 VADER (Hutto and Gilbert, ICWSM 2014) is a rule-based sentiment scorer built
 from a human-rated lexicon. Its compound score in [-1, 1] serves the main job
-twice: as a baseline reward model and as an independent judge of RL policies
-that cannot be hacked by the learned reward model's blind spots. It needs the
+twice: as a baseline reward model, and as a judge independent of the learned
+reward model, which shows when an RL policy exploits that model. It needs the
 `experiments` extra: `pip install -e '.[experiments]'` (vaderSentiment==3.3.2).
 
 Measure VADER's agreement with the raters on the test split:
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-# Keeps each block of the pairwise comparison near 32 MiB of float64.
+# Each [rows, B] temporary of the pairwise comparison has at most this many
+# elements (32 MiB of float64); a few of them are alive at once.
 _MAX_BLOCK_ELEMENTS = 1 << 22
 
 
