@@ -1,9 +1,10 @@
 """Small synthetic stand-ins for the VADER rating archive, for tests.
 
-The files reproduce the quirks of the real ones: tab-separated lines, CRLF
-line ends, no newline after the last line, a UTF-8 byte-order mark on one
-ratings file, non-ASCII text, ids of the form '12' or '3_4', and one ratings
-file listed in another order than its ground-truth file. The sentences are
+The files reproduce the quirks of the real ones. Lines are tab-separated and
+end in CRLF, except the last, which has no line end. One ratings file starts
+with a UTF-8 byte-order mark and lists its ids in another order than its
+ground-truth file. Texts include non-ASCII characters, and ids have the form
+'12' or '3_4'. The sentences are
 made of positive and negative words that match their ratings, so a model
 trained on them can learn something in a few steps. No real text is used.
 """
@@ -101,7 +102,7 @@ def _add_bytes(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
 def write_archive(
     path: str | os.PathLike[str], files: Mapping[str, bytes]
 ) -> pathlib.Path:
-  """Writes a source-distribution-shaped archive holding `files`.
+  """Writes an archive shaped like the source distribution, containing `files`.
 
   The layout matches vaderSentiment 3.3.2: an outer .tar.gz with the member
   `fetch.RATINGS_MEMBER`, itself a .tar.gz with `hutto_ICWSM_2014/<filename>`
