@@ -9,6 +9,7 @@ References:
   alignment", ICML 2025, arXiv:2412.19792.
 """
 
+from infalign_jax import analysis
 from infalign_jax import calibration
 from infalign_jax.calibration import calibrated_rewards
 from infalign_jax.calibration import sort_reference_rewards
@@ -25,6 +26,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     '__version__',
+    'analysis',
     'calibration',
     'calibrated_rewards',
     'sort_reference_rewards',
