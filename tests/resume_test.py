@@ -19,7 +19,7 @@ import time
 from absl.testing import absltest
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-_NUM_STEPS = 40
+_NUM_STEPS = 30
 _COMMAND = (
     sys.executable,
     '-m',
@@ -129,7 +129,9 @@ class ResumeTest(absltest.TestCase):
     summary = _summary(workdir)
     self.assertEqual(summary['final_step'], _NUM_STEPS)
     self.assertEqual(
-        summary['final_params_sha256'], self.reference['final_params_sha256']
+        summary['final_params_sha256'],
+        self.reference['final_params_sha256'],
+        f'killed after step {kill_after}',
     )
     self.assertEqual(
         _logged_steps(workdir),
