@@ -11,7 +11,6 @@ from experiments.sentiment import prompts as prompts_lib
 from experiments.sentiment import report as report_lib
 from experiments.sentiment import stages
 
-
 # Prompts.
 
 
@@ -206,3 +205,239 @@ def test_report_writes_table_and_plots(tmp_path):
   stored = json.loads((directory / 'report.json').read_text())
   assert len(stored['table']) == 4
   assert np.isclose(stored['table'][2]['bon'], 0.62)
+
+
+# End to end on the real data.
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+from experiments import common  # noqa: E402
+from experiments.configs import sentiment as sentiment_config  # noqa: E402
+
+REPO = epath.Path(__file__).parent.parent
+DATA_DIR = REPO / 'data'
+CONFIG_FILE = REPO / 'experiments' / 'configs' / 'sentiment.py'
+
+
+def _have_archive() -> bool:
+  from infalign_jax.data import fetch  # pylint: disable=g-import-not-at-top
+
+  return fetch.archive_path(DATA_DIR).is_file()
+
+
+needs_data = pytest.mark.skipif(
+    not _have_archive(),
+    reason=(
+        f'No VADER archive in {DATA_DIR}: run `make data` (or `python -m '
+        'infalign_jax.data.fetch --data_dir=data`) to fetch it.'
+    ),
+)
+
+
+def _command(workdir, variant='smoke'):
+  return [
+      sys.executable,
+      '-m',
+      'experiments.main',
+      f'--config={CONFIG_FILE}:{variant}',
+      f'--config.data.data_dir={DATA_DIR}',
+      f'--workdir={workdir}',
+  ]
+
+
+def _environment(cache_dir):
+  env = dict(os.environ)
+  # Compiled executables are shared between the runs of this module.
+  env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _table(workdir):
+  report = json.loads((workdir / 'report' / 'report.json').read_text())
+  return report['table']
+
+
+@pytest.fixture(scope='module')
+def compile_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory, compile_cache):
+  workdir = epath.Path(tmp_path_factory.mktemp('smoke')) / 'run'
+  start = time.time()
+  result = subprocess.run(
+      _command(workdir),
+      env=_environment(compile_cache),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  seconds = time.time() - start
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir, seconds, result.stderr
+
+
+@needs_data
+def test_smoke_end_to_end(smoke_run):
+  workdir, seconds, log = smoke_run
+  config = sentiment_config.get_config('smoke')
+  assert seconds < 120
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['experiment'] == 'sentiment'
+  assert len(summary['final_params_sha256']) == 64
+  assert 'report/report.md' in log
+  table = _table(workdir)
+  methods = [row['method'] for row in table]
+  assert methods == ['reference'] + [
+      method for beta in config.rl.betas for method in config.rl.methods
+  ]
+  for row in table:
+    for metric in ('w1', 'bon', 'won'):
+      assert 0.0 <= row[metric] <= 1.0
+    assert -1.0 <= row['judge'] <= 1.0
+  # The reference against its own fresh samples: no KL at all, because the
+  # log ratio of a policy with itself is exactly zero.
+  assert table[0]['kl'] == 0.0
+  for plot in ('w1_vs_kl.png', 'bon4_vs_kl.png', 'won4_vs_kl.png'):
+    assert (workdir / 'report' / plot).exists()
+  markdown = (workdir / 'report' / 'report.md').read_text()
+  assert 'Did exp against baseline on W_BoN,4 win' in markdown or (
+      'exp against baseline on W_BoN,4: no matched KL' in markdown
+  )
+
+
+@needs_data
+def test_smoke_rerun_skips_every_stage(smoke_run, compile_cache):
+  workdir, _, _ = smoke_run
+  before = _table(workdir)
+  result = subprocess.run(
+      _command(workdir),
+      env=_environment(compile_cache),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'Stage reference_lm: complete, skipped' in result.stderr
+  assert 'Stage report: complete, skipped' in result.stderr
+  assert _table(workdir) == before
+
+
+@needs_data
+def test_killed_pipeline_resumes_to_same_report(
+    smoke_run, compile_cache, tmp_path
+):
+  reference_workdir, _, _ = smoke_run
+  workdir = epath.Path(tmp_path) / 'run'
+  process = subprocess.Popen(
+      _command(workdir),
+      env=_environment(compile_cache),
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
+  # Kill once the first RL run has written a checkpoint: mid-pipeline, with
+  # completed stages behind and a half-finished training stage.
+  deadline = time.time() + 240
+  marker = None
+  while time.time() < deadline and process.poll() is None:
+    found = list(workdir.glob('rl_*/checkpoints/*'))
+    if found:
+      marker = found[0]
+      break
+    time.sleep(0.2)
+  assert marker is not None, 'the pipeline never reached an RL checkpoint'
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  assert not (workdir / 'report' / stages.DONE_FILE).exists()
+
+  result = subprocess.run(
+      _command(workdir),
+      env=_environment(compile_cache),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert _table(workdir) == _table(reference_workdir)
+
+
+@needs_data
+def test_other_config_workdir_rejected(smoke_run):
+  workdir, _, _ = smoke_run
+  config = sentiment_config.get_config('smoke')
+  config.rl.betas = (0.5,)
+  from experiments import sentiment  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match='holds a run made with another config'):
+    common.run_experiment(sentiment.run, config, str(workdir))
+
+
+@pytest.mark.parametrize(
+    'field', ['reference_policy', 'reward_model', 'prompts']
+)
+@needs_data
+def test_table_for_other_setup_rejected(smoke_run, field):
+  from experiments.sentiment import ctrl  # pylint: disable=g-import-not-at-top
+
+  workdir, _, _ = smoke_run
+  directory = workdir / 'calibration'
+  table = ctrl.calibration.CalibrationTable.load(directory / ctrl.TABLE_FOLDER)
+  identity = dict(table.identity)
+  identity.pop('M')
+  ctrl.load_calibration_table(directory, identity)  # The matching setup.
+  identity[field] = 'another ' + field
+  with pytest.raises(ValueError, match=f'{field}: table has'):
+    ctrl.load_calibration_table(directory, identity)
+
+
+def _smoke_config(data_dir):
+  config = sentiment_config.get_config('smoke')
+  config.data.data_dir = str(data_dir)
+  return config
+
+
+def test_missing_archive_rejected(tmp_path):
+  from experiments import sentiment  # pylint: disable=g-import-not-at-top
+
+  config = _smoke_config(tmp_path / 'empty_data')
+  with pytest.raises(FileNotFoundError, match='infalign_jax.data.fetch'):
+    sentiment.run(config, epath.Path(tmp_path) / 'run')
+
+
+def test_damaged_archive_rejected(tmp_path):
+  from experiments import sentiment  # pylint: disable=g-import-not-at-top
+  from infalign_jax.data import fetch  # pylint: disable=g-import-not-at-top
+
+  data_dir = tmp_path / 'data'
+  path = fetch.archive_path(data_dir)
+  path.parent.mkdir(parents=True)
+  path.write_bytes(b'not a gzip archive')
+  config = _smoke_config(data_dir)
+  with pytest.raises(ValueError, match=str(path)):
+    sentiment.run(config, epath.Path(tmp_path) / 'run')
+
+
+@needs_data
+def test_no_prompts_after_filtering_rejected(tmp_path):
+  from experiments import sentiment  # pylint: disable=g-import-not-at-top
+
+  config = _smoke_config(DATA_DIR)
+  config.prompts.num_words = 500
+  with pytest.raises(ValueError, match='No prompts remain in movie_reviews'):
+    sentiment.run(config, epath.Path(tmp_path) / 'run')
+
+
+del jax

@@ -42,6 +42,12 @@ def _default_config() -> ml_collections.ConfigDict:
   config.variant = 'default'
   # Seed of every PRNG key in the pipeline (each stage folds in its own tag).
   config.seed = 0
+  # Keep compiled XLA programs in WORKDIR/jax_cache, so a resumed pipeline
+  # does not compile again (JAX_COMPILATION_CACHE_DIR, when set, wins).
+  config.compilation_cache = True
+  # Compile with most XLA optimizations off: much faster compiles, slower
+  # steps. Worth it only for tiny models.
+  config.disable_most_optimizations = False
 
   config.data = ml_collections.ConfigDict()
   # Folder holding the vaderSentiment source archive and the built TFDS data.
@@ -175,6 +181,7 @@ def _default_config() -> ml_collections.ConfigDict:
 
 def _apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrink every stage to a tiny model: under 2 minutes on 2 cores."""
+  config.disable_most_optimizations = True
   config.data.max_text_bytes = 48
   config.data.reward_subsets = ('movie_reviews',)
   config.lm.width = 32

@@ -1,0 +1,358 @@
+"""The sentiment pipeline: every stage in order, each resumable.
+
+Stages and their workdir folders:
+
+  data/                  the dataset's splits as JSON
+  reference_lm/          the reference LM (checkpoints, params, samples)
+  reward_model/          the reward model and its held-out accuracy
+  prompts/               train prompts (RL, calibration) and held-out prompts
+  calibration/           the calibration table of the train prompts
+  reference_samples/     reward-model scores of reference samples, held out
+  rl_<method>_beta<b>/   one KL-regularized RL run from the reference LM
+  eval_<run>/            evaluation of one policy on held-out prompts
+  report/                report.md, report.json and the PNG plots
+"""
+
+import hashlib
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from experiments.sentiment import corpus, ctrl, policy, stages, training
+from experiments.sentiment import prompts as prompts_lib
+from experiments.sentiment import report as report_lib
+from infalign_jax import analysis, transforms
+
+# Betas of the calibrated-space prediction curves in the plots.
+_PREDICTION_BETAS = tuple(np.geomspace(0.01, 10.0, 40).tolist())
+
+
+def _run_name(method: str, beta: float) -> str:
+  return f'rl_{method}_beta{beta:g}'
+
+
+def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+  """Run (or resume) every stage and return the summary fields."""
+  workdir = epath.Path(workdir)
+  _configure_compilation(config, workdir)
+  data_dir = config.data.data_dir
+  archive_sha256 = corpus.archive_sha256(data_dir)
+
+  data = stages.run_stage(
+      workdir,
+      'data',
+      {'archive_sha256': archive_sha256},
+      {},
+      lambda d: corpus.build_splits(data_dir, d),
+  )
+  train_examples = corpus.read_split(data.directory, 'train')
+  validation_examples = corpus.read_split(data.directory, 'validation')
+  test_examples = corpus.read_split(data.directory, 'test')
+
+  prompts = stages.run_stage(
+      workdir,
+      'prompts',
+      {'prompts': config.prompts, 'seed': config.seed},
+      {'data': data},
+      lambda d: _make_prompts(d, config, train_examples, test_examples),
+  )
+  prompt_sets = json.loads((prompts.directory / 'prompts.json').read_text())
+
+  lm_subsets = tuple(config.data.lm_subsets)
+  reference = stages.run_stage(
+      workdir,
+      'reference_lm',
+      _slice(config, 'lm', 'data', 'prompts', 'seed'),
+      {'data': data, 'prompts': prompts},
+      lambda d: training.train_reference_lm(
+          d,
+          config,
+          [e['text'] for e in train_examples if e['subset'] in lm_subsets],
+          [
+              e['text']
+              for e in validation_examples
+              if e['subset'] in lm_subsets
+          ][: config.lm.num_eval_texts],
+          prompt_sets['eval'][: config.lm.num_samples],
+      ),
+  )
+  reward_subsets = tuple(config.data.reward_subsets)
+  reward = stages.run_stage(
+      workdir,
+      'reward_model',
+      _slice(config, 'reward', 'data', 'prompts', 'seed'),
+      {'data': data},
+      lambda d: training.train_reward_model(
+          d,
+          config,
+          [e for e in train_examples if e['subset'] in reward_subsets],
+          test_examples,
+      ),
+  )
+  reference_params = policy.as_jnp(policy.load_params(reference.directory))
+  reward_params = policy.as_jnp(policy.load_params(reward.directory))
+
+  identity = ctrl.table_identity(
+      reference_policy=reference.identity,
+      reward_model=reward.identity,
+      prompts=prompt_sets['train'],
+      seed=config.seed,
+  )
+  table_stage = stages.run_stage(
+      workdir,
+      'calibration',
+      _slice(config, 'calibration', 'prompts', 'seed'),
+      {'reference_lm': reference, 'reward_model': reward, 'prompts': prompts},
+      lambda d: ctrl.build_calibration_table(
+          d,
+          config,
+          reference_params=reference_params,
+          reward_params=reward_params,
+          prompts=prompt_sets['train'],
+          identity=identity,
+      ),
+  )
+  table = ctrl.load_calibration_table(table_stage.directory, identity)
+  reference_samples = stages.run_stage(
+      workdir,
+      'reference_samples',
+      _slice(config, 'evaluation', 'prompts', 'seed'),
+      {'reference_lm': reference, 'reward_model': reward, 'prompts': prompts},
+      lambda d: ctrl.sample_reference_for_evaluation(
+          d,
+          config,
+          reference_params=reference_params,
+          reward_params=reward_params,
+          prompts=prompt_sets['eval'],
+      ),
+  )
+  ref_rewards = np.load(reference_samples.directory / 'ref_rewards.npy')
+
+  chosen_t = ctrl.choose_transform_parameters(config)
+  logging.info('Transform parameters chosen by analysis: %s', chosen_t)
+  evaluation_inputs = {
+      'reference_lm': reference,
+      'reward_model': reward,
+      'prompts': prompts,
+      'reference_samples': reference_samples,
+  }
+  evaluation_slice = _slice(config, 'evaluation', 'prompts', 'seed')
+  rows = []
+  reference_eval = stages.run_stage(
+      workdir,
+      'eval_reference',
+      evaluation_slice,
+      evaluation_inputs,
+      lambda d: ctrl.evaluate_policy(
+          d,
+          config,
+          params=reference_params,
+          reference_params=reference_params,
+          reward_params=reward_params,
+          prompts=prompt_sets['eval'],
+          ref_rewards=ref_rewards,
+      ),
+  )
+  rows.append(_row('reference', None, None, reference_eval))
+
+  run_hashes = []
+  total_steps = reference.record['steps'] + reward.record['steps']
+  for beta in config.rl.betas:
+    for method in config.rl.methods:
+      name = _run_name(method, beta)
+      t = chosen_t[method]
+      rl_stage = stages.run_stage(
+          workdir,
+          name,
+          {'rl': config.rl, 'prompts': config.prompts, 'seed': config.seed,
+           'method': method, 'beta': beta, 't': t},
+          {'calibration': table_stage, 'reference_lm': reference,
+           'reward_model': reward, 'prompts': prompts},
+          lambda d, method=method, beta=beta, t=t: ctrl.train_policy(
+              d,
+              config,
+              method=method,
+              beta=beta,
+              t=t,
+              reference_params=reference_params,
+              reward_params=reward_params,
+              prompts=prompt_sets['train'],
+              table=table,
+              reward_scale=_reward_scale(config, table_stage),
+          ),
+      )
+      run_hashes.append(rl_stage.record['params_sha256'])
+      total_steps += rl_stage.record['steps']
+      eval_stage = stages.run_stage(
+          workdir,
+          f'eval_{name}',
+          evaluation_slice,
+          {**evaluation_inputs, 'policy': rl_stage},
+          lambda d, rl_stage=rl_stage: ctrl.evaluate_policy(
+              d,
+              config,
+              params=policy.as_jnp(policy.load_params(rl_stage.directory)),
+              reference_params=reference_params,
+              reward_params=reward_params,
+              prompts=prompt_sets['eval'],
+              ref_rewards=ref_rewards,
+          ),
+      )
+      rows.append(_row(method, beta, t, eval_stage))
+
+  sections = {
+      'reference_lm': {
+          key: reference.record[key]
+          for key in ('validation_bits_per_byte', 'steps', 'samples')
+      },
+      'reward_model': {
+          key: reward.record[key]
+          for key in ('pairs', 'min_rating_gap', 'reward_model_accuracy',
+                      'vader_accuracy', 'steps')
+      },
+      'calibration_table': {
+          key: table_stage.record[key]
+          for key in ('num_prompts', 'num_samples', 'reward_mean',
+                      'reward_std', 'tied_fraction')
+      },
+      'transform_parameters': {
+          'chosen_t': chosen_t,
+          'kl_budget': config.rl.kl_budget,
+          'procedure_n': config.rl.procedure_n,
+      },
+  }
+  report_stage = stages.run_stage(
+      workdir,
+      'report',
+      {'methods': config.rl.methods, 'n': config.evaluation.procedure_n},
+      _eval_inputs(workdir, config),
+      lambda d: report_lib.write_report(
+          d,
+          rows=rows,
+          predictions=_predictions(config, chosen_t),
+          procedure_n=config.evaluation.procedure_n,
+          methods=config.rl.methods,
+          sections=sections,
+      )['comparisons'],
+  )
+  report_path = report_stage.directory / 'report.md'
+  logging.info('Report: %s', report_path)
+  combined = hashlib.sha256(''.join(run_hashes).encode()).hexdigest()
+  return {
+      'final_step': total_steps,
+      'final_params_sha256': combined,
+      'report': str(report_path),
+      'stage_seconds': _stage_seconds(workdir),
+  }
+
+
+def _configure_compilation(config, workdir: epath.Path) -> None:
+  if config.disable_most_optimizations:
+    jax.config.update('jax_disable_most_optimizations', True)
+  if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(workdir / 'jax_cache'))
+    # Tiny programs too: the pipeline compiles many of them.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+def _slice(config: ml_collections.ConfigDict, *names: str) -> dict[str, Any]:
+  return {name: config[name] for name in names}
+
+
+def _row(method, beta, t, stage: stages.StageResult) -> dict[str, Any]:
+  row = {'method': method, 'beta': beta, 't': t}
+  for key, value in stage.record.items():
+    if key not in ('examples', 'seconds'):
+      row[key] = value
+  return row
+
+
+def _eval_inputs(workdir, config) -> dict[str, stages.StageResult]:
+  """Completed evaluation stages, as inputs of the report stage."""
+  names = ['eval_reference'] + [
+      f'eval_{_run_name(method, beta)}'
+      for beta in config.rl.betas
+      for method in config.rl.methods
+  ]
+  inputs = {}
+  for name in names:
+    done = json.loads((workdir / name / stages.DONE_FILE).read_text())
+    inputs[name] = stages.StageResult(
+        name=name,
+        directory=workdir / name,
+        identity=done['identity'],
+        record=done['record'],
+    )
+  return inputs
+
+
+def _reward_scale(config, table_stage: stages.StageResult) -> float:
+  if not config.rl.normalize_baseline_reward:
+    return 1.0
+  return max(table_stage.record['reward_std'], 1e-6)
+
+
+def _make_prompts(directory, config, train_examples, test_examples):
+  sets = {}
+  for split, examples, count in (
+      ('train', train_examples, config.prompts.num_train),
+      ('eval', test_examples, config.prompts.num_eval),
+  ):
+    texts = [e['text'] for e in examples if e['subset'] == 'movie_reviews']
+    sets[split] = prompts_lib.make_prompts(
+        texts,
+        num_words=config.prompts.num_words,
+        min_continuation_words=config.prompts.min_continuation_words,
+        max_prompt_bytes=config.prompts.max_prompt_bytes,
+        count=count,
+        seed=config.seed,
+        source=f'movie_reviews/{"train" if split == "train" else "test"}',
+    )
+  (directory / 'prompts.json').write_text(json.dumps(sets, indent=2))
+  return {
+      'num_train': len(sets['train']),
+      'num_eval': len(sets['eval']),
+      'train_fingerprint': policy.fingerprint(sets['train']),
+      'eval_fingerprint': policy.fingerprint(sets['eval']),
+  }
+
+
+def _predictions(config, chosen_t) -> dict[str, dict[str, list[float]]]:
+  """Calibrated-space curves over beta of each calibrated method."""
+  n = config.evaluation.procedure_n
+  predictions = {}
+  for method in config.rl.methods:
+    if method == 'baseline':
+      continue
+    transform = (
+        transforms.make_transform('identity')
+        if method == 'identity'
+        else transforms.make_transform(method, t=chosen_t[method])
+    )
+    curve = {'beta': [], 'kl': [], 'w1': [], 'bon': [], 'won': []}
+    for beta in _PREDICTION_BETAS:
+      curve['beta'].append(beta)
+      curve['kl'].append(float(analysis.kl(transform, beta)))
+      curve['w1'].append(float(analysis.win_rate(transform, beta)))
+      curve['bon'].append(
+          float(analysis.win_rate(transform, beta, procedure='bon', n=n))
+      )
+      curve['won'].append(
+          float(analysis.win_rate(transform, beta, procedure='won', n=n))
+      )
+    predictions[method] = curve
+  return predictions
+
+
+def _stage_seconds(workdir: epath.Path) -> dict[str, float]:
+  seconds = {}
+  for done in sorted(workdir.glob(f'*/{stages.DONE_FILE}')):
+    record = json.loads(done.read_text())['record']
+    seconds[done.parent.name] = record.get('seconds')
+  return seconds
+
