@@ -13,6 +13,8 @@ from infalign_jax import analysis
 from infalign_jax import calibration
 from infalign_jax.calibration import calibrated_rewards
 from infalign_jax.calibration import sort_reference_rewards
+from infalign_jax import procedures
+from infalign_jax.procedures import win_rate
 from infalign_jax import transforms
 from infalign_jax.transforms import make_transform
 from infalign_jax import models
@@ -30,6 +32,10 @@ __all__ = (
     'calibration',
     'calibrated_rewards',
     'sort_reference_rewards',
+    'transforms',
+    'make_transform',
+    'procedures',
+    'win_rate',
     'models',
     'TransformerConfig',
     'init_lm',
