@@ -2,14 +2,23 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
 
+from experiments import common
+from experiments.configs import sentiment as sentiment_config
 from experiments.sentiment import prompts as prompts_lib
 from experiments.sentiment import report as report_lib
 from experiments.sentiment import stages
+from infalign_jax.data import fetch
 
 # Prompts.
 
@@ -30,10 +39,12 @@ def test_prompts_take_opening_words():
       seed=0,
       source='test texts',
   )
-  assert sorted(prompts) == sorted([
-      'A gorgeous, witty ',
-      'Ridiculously overlong and ',
-  ])
+  assert sorted(prompts) == sorted(
+      [
+          'A gorgeous, witty ',
+          'Ridiculously overlong and ',
+      ]
+  )
 
 
 def test_prompts_respect_byte_limit():
@@ -209,30 +220,13 @@ def test_report_writes_table_and_plots(tmp_path):
 
 # End to end on the real data.
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-
-from experiments import common  # noqa: E402
-from experiments.configs import sentiment as sentiment_config  # noqa: E402
-
 REPO = epath.Path(__file__).parent.parent
 DATA_DIR = REPO / 'data'
 CONFIG_FILE = REPO / 'experiments' / 'configs' / 'sentiment.py'
 
 
-def _have_archive() -> bool:
-  from infalign_jax.data import fetch  # pylint: disable=g-import-not-at-top
-
-  return fetch.archive_path(DATA_DIR).is_file()
-
-
 needs_data = pytest.mark.skipif(
-    not _have_archive(),
+    not fetch.archive_path(DATA_DIR).is_file(),
     reason=(
         f'No VADER archive in {DATA_DIR}: run `make data` (or `python -m '
         'infalign_jax.data.fetch --data_dir=data`) to fetch it.'
@@ -305,9 +299,10 @@ def test_smoke_end_to_end(smoke_run):
     for metric in ('w1', 'bon', 'won'):
       assert 0.0 <= row[metric] <= 1.0
     assert -1.0 <= row['judge'] <= 1.0
-  # The reference against its own fresh samples: no KL at all, because the
-  # log ratio of a policy with itself is exactly zero.
-  assert table[0]['kl'] == 0.0
+  # The reference against its own fresh samples: the log ratio of a policy
+  # with itself is zero up to the cached and uncached forward passes'
+  # rounding.
+  assert abs(table[0]['kl']) < 1e-4
   for plot in ('w1_vs_kl.png', 'bon4_vs_kl.png', 'won4_vs_kl.png'):
     assert (workdir / 'report' / plot).exists()
   markdown = (workdir / 'report' / 'report.md').read_text()
@@ -419,7 +414,6 @@ def test_missing_archive_rejected(tmp_path):
 
 def test_damaged_archive_rejected(tmp_path):
   from experiments import sentiment  # pylint: disable=g-import-not-at-top
-  from infalign_jax.data import fetch  # pylint: disable=g-import-not-at-top
 
   data_dir = tmp_path / 'data'
   path = fetch.archive_path(data_dir)
@@ -440,4 +434,78 @@ def test_no_prompts_after_filtering_rejected(tmp_path):
     sentiment.run(config, epath.Path(tmp_path) / 'run')
 
 
-del jax
+@needs_data
+def test_large_config_trainers_run_two_steps(tmp_path):
+  from experiments.sentiment import (
+      ctrl,  # pylint: disable=g-import-not-at-top
+      training,  # pylint: disable=g-import-not-at-top
+  )
+  from infalign_jax.data.vader_ratings import vader_ratings  # pylint: disable=g-import-not-at-top
+
+  config = sentiment_config.get_config('large')
+  config.lm.steps = 2
+  config.lm.batch_size = 2
+  config.lm.num_samples = 1
+  config.reward.steps = 2
+  config.reward.batch_size = 2
+  config.calibration.num_samples = 2
+  config.rl.steps = 2
+  config.rl.batch_prompts = 2
+  config.rl.samples_per_prompt = 2
+  workdir = epath.Path(tmp_path)
+  train = vader_ratings.load('train[:32]', DATA_DIR)
+  test = vader_ratings.load('test[:64]', DATA_DIR)
+  decode = lambda example: {  # noqa: E731
+      'subset': example['subset'].decode(),
+      'text': example['text'].decode(),
+      'mean_rating': float(example['mean_rating']),
+  }
+  train = [decode(train[i]) for i in range(len(train))]
+  test = [decode(test[i]) for i in range(len(test))]
+  prompts = ['The film is ', 'It never ']
+  jax.config.update('jax_disable_most_optimizations', True)
+  try:
+    lm = training.train_reference_lm(
+        workdir / 'lm',
+        config,
+        [e['text'] for e in train],
+        [e['text'] for e in test[:2]],
+        prompts[:1],
+    )
+    reward = training.train_reward_model(workdir / 'rm', config, train, test)
+    reference_params = policy_params(workdir / 'lm')
+    reward_params = policy_params(workdir / 'rm')
+    identity = {'reference_policy': 'a', 'reward_model': 'b', 'seed': 0}
+    ctrl.build_calibration_table(
+        workdir / 'calibration',
+        config,
+        reference_params=reference_params,
+        reward_params=reward_params,
+        prompts=prompts,
+        identity=identity,
+    )
+    table = ctrl.load_calibration_table(workdir / 'calibration', identity)
+    result = ctrl.train_policy(
+        workdir / 'rl',
+        config,
+        method='exp',
+        beta=0.1,
+        t=5.0,
+        reference_params=reference_params,
+        reward_params=reward_params,
+        prompts=prompts,
+        table=table,
+        reward_scale=1.0,
+    )
+  finally:
+    jax.config.update('jax_disable_most_optimizations', False)
+  assert lm['steps'] == 2
+  assert np.isfinite(lm['validation_bits_per_byte'])
+  assert reward['steps'] == 2
+  assert result['steps'] == 2
+
+
+def policy_params(directory):
+  from experiments.sentiment import policy  # pylint: disable=g-import-not-at-top
+
+  return policy.as_jnp(policy.load_params(directory))

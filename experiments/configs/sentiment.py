@@ -114,8 +114,6 @@ def _default_config() -> ml_collections.ConfigDict:
   # Held-out movie-review pairs count only if their mean ratings differ by at
   # least this much (on the raters' -4..+4 scale).
   config.reward.min_rating_gap = 1.0
-  # Maximum number of held-out pairs scored for the accuracy.
-  config.reward.max_eval_pairs = 20000
   # Steps between checkpoints.
   config.reward.checkpoint_every = 200
 
@@ -199,7 +197,6 @@ def _apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.reward.mlp_width = 64
   config.reward.steps = 30
   config.reward.batch_size = 8
-  config.reward.max_eval_pairs = 500
   config.reward.checkpoint_every = 10
   config.prompts.num_train = 8
   config.prompts.num_eval = 8

@@ -44,20 +44,23 @@ def build_splits(data_dir: str, directory: epath.Path) -> dict[str, Any]:
     examples = []
     for index in range(len(source)):
       example = source[index]
-      examples.append({
-          'id': _decode(example['id']),
-          'subset': _decode(example['subset']),
-          'text': _decode(example['text']),
-          'mean_rating': float(example['mean_rating']),
-          'ratings': [int(r) for r in example['ratings']],
-      })
+      examples.append(
+          {
+              'id': _decode(example['id']),
+              'subset': _decode(example['subset']),
+              'text': _decode(example['text']),
+              'mean_rating': float(example['mean_rating']),
+              'ratings': [int(r) for r in example['ratings']],
+          }
+      )
     common.write_json_atomic(directory / f'{split}.json', examples)
     counts[split] = {}
     for example in examples:
       subset = example['subset']
       counts[split][subset] = counts[split].get(subset, 0) + 1
-    logging.info('Data: %s split, %d examples %s', split, len(examples),
-                 counts[split])
+    logging.info(
+        'Data: %s split, %d examples %s', split, len(examples), counts[split]
+    )
   return {'counts': counts}
 
 

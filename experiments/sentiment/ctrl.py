@@ -18,6 +18,7 @@ from etils import epath
 
 from experiments.sentiment import evaluation, policy, training
 from infalign_jax import analysis, calibration, rl, sampling
+from infalign_jax.data import judge
 
 TABLE_FOLDER = 'table'
 # Key tags folded into the config seed, one per stage, so stages draw
@@ -29,7 +30,10 @@ _EVAL_TAG = 13
 
 
 def table_identity(
-    *, reference_policy: str, reward_model: str, prompts: Sequence[str],
+    *,
+    reference_policy: str,
+    reward_model: str,
+    prompts: Sequence[str],
     seed: int,
 ) -> dict[str, Any]:
   """Identity record of a calibration table (M is added by the table)."""
@@ -245,7 +249,11 @@ def train_policy(
   key = jax.random.fold_in(jax.random.key(config.seed), _RL_TAG)
   logging.info(
       'Stage %s: %d RL steps (method %s, beta %g, t %s).',
-      directory.name, config.rl.steps, method, beta, t,
+      directory.name,
+      config.rl.steps,
+      method,
+      beta,
+      t,
   )
   run_config = {'method': method, 'beta': beta, 't': t, **config.rl.to_dict()}
   state = training.run_trainer(
@@ -310,11 +318,13 @@ def evaluate_policy(
       mask, outputs['logprobs'] - outputs['ref_logprobs'], 0.0
   ).sum(axis=-1)
   continuations = policy.decode_continuations(outputs['tokens'], mask)
-  judged = training.vader_compound([
-      prompt + text
-      for prompt, texts in zip(prompts, continuations)
-      for text in texts
-  ]).reshape(seq_log_ratios.shape)
+  judged = judge.vader_compound(
+      [
+          prompt + text
+          for prompt, texts in zip(prompts, continuations, strict=True)
+          for text in texts
+      ]
+  ).reshape(seq_log_ratios.shape)
   summary = evaluation.summarize(
       policy_rewards=outputs['rewards'],
       ref_rewards=ref_rewards,
@@ -322,5 +332,7 @@ def evaluate_policy(
       judge_scores=judged,
       procedure_n=config.evaluation.procedure_n,
   )
-  examples = [prompts[i] + continuations[i][0] for i in range(min(4, len(prompts)))]
+  examples = [
+      prompts[i] + continuations[i][0] for i in range(min(4, len(prompts)))
+  ]
   return {**summary, 'examples': examples}

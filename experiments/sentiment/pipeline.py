@@ -73,11 +73,9 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
           d,
           config,
           [e['text'] for e in train_examples if e['subset'] in lm_subsets],
-          [
-              e['text']
-              for e in validation_examples
-              if e['subset'] in lm_subsets
-          ][: config.lm.num_eval_texts],
+          [e['text'] for e in validation_examples if e['subset'] in lm_subsets][
+              : config.lm.num_eval_texts
+          ],
           prompt_sets['eval'][: config.lm.num_samples],
       ),
   )
@@ -169,10 +167,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
       rl_stage = stages.run_stage(
           workdir,
           name,
-          {'rl': config.rl, 'prompts': config.prompts, 'seed': config.seed,
-           'method': method, 'beta': beta, 't': t},
-          {'calibration': table_stage, 'reference_lm': reference,
-           'reward_model': reward, 'prompts': prompts},
+          {
+              'rl': config.rl,
+              'prompts': config.prompts,
+              'seed': config.seed,
+              'method': method,
+              'beta': beta,
+              't': t,
+          },
+          {
+              'calibration': table_stage,
+              'reference_lm': reference,
+              'reward_model': reward,
+              'prompts': prompts,
+          },
           lambda d, method=method, beta=beta, t=t: ctrl.train_policy(
               d,
               config,
@@ -212,13 +220,24 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
       },
       'reward_model': {
           key: reward.record[key]
-          for key in ('pairs', 'min_rating_gap', 'reward_model_accuracy',
-                      'vader_accuracy', 'steps')
+          for key in (
+              'texts',
+              'pairs',
+              'min_rating_gap',
+              'reward_model_accuracy',
+              'vader_accuracy',
+              'steps',
+          )
       },
       'calibration_table': {
           key: table_stage.record[key]
-          for key in ('num_prompts', 'num_samples', 'reward_mean',
-                      'reward_std', 'tied_fraction')
+          for key in (
+              'num_prompts',
+              'num_samples',
+              'reward_mean',
+              'reward_std',
+              'tied_fraction',
+          )
       },
       'transform_parameters': {
           'chosen_t': chosen_t,
@@ -334,17 +353,15 @@ def _predictions(config, chosen_t) -> dict[str, dict[str, list[float]]]:
         if method == 'identity'
         else transforms.make_transform(method, t=chosen_t[method])
     )
-    curve = {'beta': [], 'kl': [], 'w1': [], 'bon': [], 'won': []}
-    for beta in _PREDICTION_BETAS:
-      curve['beta'].append(beta)
-      curve['kl'].append(float(analysis.kl(transform, beta)))
-      curve['w1'].append(float(analysis.win_rate(transform, beta)))
-      curve['bon'].append(
-          float(analysis.win_rate(transform, beta, procedure='bon', n=n))
-      )
-      curve['won'].append(
-          float(analysis.win_rate(transform, beta, procedure='won', n=n))
-      )
+    betas = np.asarray(_PREDICTION_BETAS)
+    curve = {
+        'beta': betas,
+        'kl': analysis.kl(transform, betas),
+        'w1': analysis.win_rate(transform, betas),
+        'bon': analysis.win_rate(transform, betas, procedure='bon', n=n),
+        'won': analysis.win_rate(transform, betas, procedure='won', n=n),
+    }
+    curve = {key: np.asarray(value).tolist() for key, value in curve.items()}
     predictions[method] = curve
   return predictions
 
@@ -355,4 +372,3 @@ def _stage_seconds(workdir: epath.Path) -> dict[str, float]:
     record = json.loads(done.read_text())['record']
     seconds[done.parent.name] = record.get('seconds')
   return seconds
-

@@ -93,7 +93,9 @@ def save_params(directory: epath.Path, params: Any) -> str:
 
 def load_params(directory: epath.Path) -> Any:
   """Read parameters written by `save_params`."""
-  return flax.serialization.msgpack_restore((directory / PARAMS_FILE).read_bytes())
+  return flax.serialization.msgpack_restore(
+      (directory / PARAMS_FILE).read_bytes()
+  )
 
 
 def join(
@@ -267,11 +269,16 @@ _sample_per_prompt_jit = jax.jit(
 )
 
 
-def decode_continuations(tokens: np.ndarray, mask: np.ndarray) -> list[list[str]]:
+def decode_continuations(
+    tokens: np.ndarray, mask: np.ndarray
+) -> list[list[str]]:
   """Decode [B, S, L] continuations to B lists of S texts."""
   return [
-      [TOKENIZER.decode(row[valid]) for row, valid in zip(rows, valid_rows)]
-      for rows, valid_rows in zip(tokens, mask.astype(bool))
+      [
+          TOKENIZER.decode(row[valid])
+          for row, valid in zip(rows, valid_rows, strict=True)
+      ]
+      for rows, valid_rows in zip(tokens, mask.astype(bool), strict=True)
   ]
 
 

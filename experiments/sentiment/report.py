@@ -51,7 +51,9 @@ def measured_curve(
     if row['method'] == method:
       points.append((row['kl'], row[metric], row[f'{metric}_se']))
   points.sort(key=lambda point: point[0])
-  kl, value, standard_error = (np.asarray(column) for column in zip(*points))
+  kl, value, standard_error = (
+      np.asarray(column) for column in zip(*points, strict=True)
+  )
   return {'kl': kl, 'value': value, 'se': standard_error}
 
 
@@ -85,16 +87,18 @@ def compare_at_matched_kl(
     base_se = float(np.interp(kl, base['kl'], base['se']))
     difference = row[metric] - base_value
     combined_se = math.sqrt(row[f'{metric}_se'] ** 2 + base_se**2)
-    points.append({
-        'beta': row['beta'],
-        'kl': kl,
-        'challenger': row[metric],
-        'challenger_se': row[f'{metric}_se'],
-        'baseline': base_value,
-        'baseline_se': base_se,
-        'difference': difference,
-        'standard_errors': difference / combined_se if combined_se else 0.0,
-    })
+    points.append(
+        {
+            'beta': row['beta'],
+            'kl': kl,
+            'challenger': row[metric],
+            'challenger_se': row[f'{metric}_se'],
+            'baseline': base_value,
+            'baseline_se': base_se,
+            'difference': difference,
+            'standard_errors': difference / combined_se if combined_se else 0.0,
+        }
+    )
   name = f'{challenger} against {baseline} on {label}'
   if not points:
     kl_range = f'{base["kl"][0]:.3f}..{base["kl"][-1]:.3f}'
@@ -205,9 +209,7 @@ def table_markdown(
         _format(row.get('t'), 2),
     ]
     for metric in ('kl', 'w1', 'bon', 'won', 'reward', 'judge'):
-      cells.append(
-          f'{_format(row[metric])} ± {_format(row[metric + "_se"])}'
-      )
+      cells.append(f'{_format(row[metric])} ± {_format(row[metric + "_se"])}')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

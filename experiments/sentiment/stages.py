@@ -52,7 +52,9 @@ def stage_identity(
   payload = {
       'name': name,
       'config': config_slice,
-      'inputs': {key: result.identity for key, result in sorted(inputs.items())},
+      'inputs': {
+          key: result.identity for key, result in sorted(inputs.items())
+      },
   }
   text = json.dumps(payload, sort_keys=True, default=_to_jsonable)
   return hashlib.sha256(text.encode()).hexdigest()

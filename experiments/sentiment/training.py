@@ -8,7 +8,6 @@ needed. The train state stores the position, so a run resumed from a
 checkpoint reads exactly the batches it would have read.
 """
 
-import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -21,10 +20,10 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from vaderSentiment import vaderSentiment
 
 from experiments.sentiment import policy
 from infalign_jax import loop, losses, models, supervised, train
+from infalign_jax.data import judge
 
 
 def batch_indices(
@@ -80,9 +79,7 @@ def run_trainer(
   init_key, run_key = jax.random.split(key)
 
   def init_state_fn():
-    return train.init_train_state(
-        init_params_fn(init_key), optimizer, run_key
-    )
+    return train.init_train_state(init_params_fn(init_key), optimizer, run_key)
 
   return loop.run_training(
       workdir=directory,
@@ -157,6 +154,7 @@ def train_reference_lm(
       for prompt, continuations in zip(
           sample_prompts,
           policy.decode_continuations(samples['tokens'], samples['mask']),
+          strict=True,
       )
   ]
   for text in texts:
@@ -197,8 +195,9 @@ def validation_bits_per_byte(
   for start in range(0, len(texts), batch_size):
     rows = slice(start, start + batch_size)
     total += float(nll_sum(tokens[rows], lengths[rows]))
-  num_bytes = sum(len(t.encode('utf-8')[: config.data.max_text_bytes])
-                  for t in texts)
+  num_bytes = sum(
+      len(t.encode('utf-8')[: config.data.max_text_bytes]) for t in texts
+  )
   return total / math.log(2) / num_bytes
 
 
@@ -278,9 +277,7 @@ def train_reward_model(
       config_json=json.dumps(config.to_dict(), sort_keys=True, default=str),
       checkpoint_every=config.reward.checkpoint_every,
   )
-  accuracy = held_out_pair_accuracy(
-      state.params, shape, test_examples, config
-  )
+  accuracy = held_out_pair_accuracy(state.params, shape, test_examples, config)
   logging.info('Reward model: %s', accuracy)
   params_sha256 = policy.save_params(directory, state.params)
   return {**accuracy, 'steps': int(state.step), 'params_sha256': params_sha256}
@@ -304,23 +301,6 @@ def score_texts(
   return np.concatenate(scores)
 
 
-def vader_compound(texts: Sequence[str]) -> np.ndarray:
-  """VADER compound scores in [-1, 1] (vaderSentiment 3.3.2)."""
-  analyzer = vaderSentiment.SentimentIntensityAnalyzer()
-  return np.asarray(
-      [analyzer.polarity_scores(text)['compound'] for text in texts],
-      np.float64,
-  )
-
-
-def pair_accuracy(
-    scores: np.ndarray, first: np.ndarray, second: np.ndarray
-) -> float:
-  """Fraction of pairs where `first` scores above `second`; ties count 1/2."""
-  difference = scores[first] - scores[second]
-  return float(np.mean((difference > 0) + 0.5 * (difference == 0)))
-
-
 def held_out_pair_accuracy(
     params: Any,
     shape: models.TransformerConfig,
@@ -330,37 +310,22 @@ def held_out_pair_accuracy(
   """Accuracy on held-out movie-review pairs, beside VADER's on the same.
 
   Pairs: every two test-split movie-review sentences whose mean ratings differ
-  by at least `config.reward.min_rating_gap`, ordered so the first has the
-  higher mean; at most `max_eval_pairs` of them, drawn with a fixed seed.
+  by at least `config.reward.min_rating_gap`; a pair counts 1 when the text
+  rated higher scores higher, 1/2 on a tie (`judge.pairwise_accuracy`).
   """
   movie = [e for e in test_examples if e['subset'] == 'movie_reviews']
-  means = np.asarray([e['mean_rating'] for e in movie])
-  pairs = [
-      (i, j) if means[i] > means[j] else (j, i)
-      for i, j in itertools.combinations(range(len(movie)), 2)
-      if abs(means[i] - means[j]) >= config.reward.min_rating_gap
-  ]
-  if not pairs:
-    raise ValueError(
-        f'No held-out movie-review pairs differ by >= '
-        f'{config.reward.min_rating_gap} in mean rating; lower '
-        'config.reward.min_rating_gap.'
-    )
-  pairs = np.asarray(pairs)
-  if len(pairs) > config.reward.max_eval_pairs:
-    keep = np.random.default_rng(config.seed).choice(
-        len(pairs), config.reward.max_eval_pairs, replace=False
-    )
-    pairs = pairs[np.sort(keep)]
+  means = np.asarray([e['mean_rating'] for e in movie], np.float64)
   texts = [e['text'] for e in movie]
+  gap = config.reward.min_rating_gap
   model_scores = score_texts(params, shape, texts, config)
-  judge_scores = vader_compound(texts)
   return {
-      'pairs': int(len(pairs)),
-      'min_rating_gap': config.reward.min_rating_gap,
-      'reward_model_accuracy': pair_accuracy(
-          model_scores, pairs[:, 0], pairs[:, 1]
+      'texts': len(texts),
+      'pairs': judge.count_pairs(means, min_gap=gap),
+      'min_rating_gap': gap,
+      'reward_model_accuracy': judge.pairwise_accuracy(
+          model_scores, means, min_gap=gap
       ),
-      'vader_accuracy': pair_accuracy(judge_scores, pairs[:, 0], pairs[:, 1]),
+      'vader_accuracy': judge.pairwise_accuracy(
+          judge.vader_compound(texts), means, min_gap=gap
+      ),
   }
-
