@@ -23,6 +23,11 @@ from infalign_jax.models import init_lm
 from infalign_jax.models import init_reward_model
 from infalign_jax.models import lm_logits
 from infalign_jax.models import reward_scores
+from infalign_jax import sampling
+from infalign_jax.sampling import SampleOutput
+from infalign_jax.sampling import completion_logprobs
+from infalign_jax.sampling import join_prompt_completion
+from infalign_jax.sampling import sample
 
 __version__ = '0.1.0'
 
@@ -42,4 +47,9 @@ __all__ = (
     'init_reward_model',
     'lm_logits',
     'reward_scores',
+    'sampling',
+    'SampleOutput',
+    'completion_logprobs',
+    'join_prompt_completion',
+    'sample',
 )

@@ -19,6 +19,24 @@ _lm_logits = jax.jit(models.lm_logits, static_argnums=2)
 _reward_scores = jax.jit(models.reward_scores, static_argnums=3)
 
 
+_saved_disable_most_optimizations = None
+
+
+def setUpModule():
+  # Compilation dominates these tests; XLA optimizations do not pay off.
+  global _saved_disable_most_optimizations
+  _saved_disable_most_optimizations = jax.config.read(
+      'jax_disable_most_optimizations'
+  )
+  jax.config.update('jax_disable_most_optimizations', True)
+
+
+def tearDownModule():
+  jax.config.update(
+      'jax_disable_most_optimizations', _saved_disable_most_optimizations
+  )
+
+
 def _numpy_layer_norm(x, params, epsilon):
   mean = x.mean(-1, keepdims=True)
   variance = ((x - mean) ** 2).mean(-1, keepdims=True)
