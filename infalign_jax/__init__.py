@@ -28,6 +28,13 @@ from infalign_jax.sampling import SampleOutput
 from infalign_jax.sampling import completion_logprobs
 from infalign_jax.sampling import join_prompt_completion
 from infalign_jax.sampling import sample
+from infalign_jax import supervised
+from infalign_jax.supervised import bradley_terry_loss
+from infalign_jax.supervised import make_bradley_terry_loss_fn
+from infalign_jax.supervised import make_lm_loss_fn
+from infalign_jax.supervised import make_rating_regression_loss_fn
+from infalign_jax.supervised import next_token_loss
+from infalign_jax.supervised import rating_regression_loss
 
 __version__ = '0.1.0'
 
@@ -52,4 +59,11 @@ __all__ = (
     'completion_logprobs',
     'join_prompt_completion',
     'sample',
+    'supervised',
+    'bradley_terry_loss',
+    'make_bradley_terry_loss_fn',
+    'make_lm_loss_fn',
+    'make_rating_regression_loss_fn',
+    'next_token_loss',
+    'rating_regression_loss',
 )

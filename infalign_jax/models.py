@@ -28,6 +28,7 @@ float32.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -316,6 +317,7 @@ def _check_tokens(tokens, config: TransformerConfig, name: str = 'tokens'):
     )
 
 
+@functools.partial(jax.jit, static_argnames='config')
 def init_lm(key: jax.Array, config: TransformerConfig) -> Params:
   """Initialize language-model parameters.
 
@@ -324,7 +326,8 @@ def init_lm(key: jax.Array, config: TransformerConfig) -> Params:
     config: the model shape.
 
   Returns:
-    A nested dict of float32 parameters.
+    A nested dict of float32 parameters. The function is compiled with jit,
+    because op-by-op Flax initialization is slow.
   """
   tokens = jnp.zeros((1, 1), jnp.int32)
   variables = _Transformer(config).init(
@@ -448,6 +451,7 @@ def lm_decode_step(
   return logits, cache
 
 
+@functools.partial(jax.jit, static_argnames='config')
 def init_reward_model(
     key: jax.Array,
     config: TransformerConfig,
