@@ -77,7 +77,7 @@ def _default_config() -> ml_collections.ConfigDict:
   # Hidden size of each block's MLP.
   config.lm.mlp_width = 512
   # Optimizer steps of next-token training.
-  config.lm.steps = 1200
+  config.lm.steps = 800
   # Texts per step.
   config.lm.batch_size = 32
   # Peak Adam learning rate (linear warmup, then cosine decay).
@@ -104,7 +104,7 @@ def _default_config() -> ml_collections.ConfigDict:
   # Hidden size of each block's MLP.
   config.reward.mlp_width = 384
   # Optimizer steps.
-  config.reward.steps = 900
+  config.reward.steps = 600
   # Texts (regression) or pairs (Bradley-Terry) per step.
   config.reward.batch_size = 32
   # Peak Adam learning rate.

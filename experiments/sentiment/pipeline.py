@@ -30,6 +30,8 @@ from infalign_jax import analysis, transforms
 
 # Betas of the calibrated-space prediction curves in the plots.
 _PREDICTION_BETAS = tuple(np.geomspace(0.01, 10.0, 40).tolist())
+# Grid nodes of the calibrated-space integrals behind the plotted curves.
+_GRID = 1025
 
 
 def _run_name(method: str, beta: float) -> str:
@@ -39,9 +41,9 @@ def _run_name(method: str, beta: float) -> str:
 def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   """Run (or resume) every stage and return the summary fields."""
   workdir = epath.Path(workdir)
-  _configure_compilation(config, workdir)
   data_dir = config.data.data_dir
   archive_sha256 = corpus.archive_sha256(data_dir)
+  _configure_compilation(config, workdir)
 
   data = stages.run_stage(
       workdir,
@@ -131,7 +133,14 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   )
   ref_rewards = np.load(reference_samples.directory / 'ref_rewards.npy')
 
-  chosen_t = ctrl.choose_transform_parameters(config)
+  transform_stage = stages.run_stage(
+      workdir,
+      'transforms',
+      _slice(config, 'rl'),
+      {},
+      lambda d: {'chosen_t': ctrl.choose_transform_parameters(config)},
+  )
+  chosen_t = transform_stage.record['chosen_t']
   logging.info('Transform parameters chosen by analysis: %s', chosen_t)
   evaluation_inputs = {
       'reference_lm': reference,
@@ -286,7 +295,7 @@ def _slice(config: ml_collections.ConfigDict, *names: str) -> dict[str, Any]:
 def _row(method, beta, t, stage: stages.StageResult) -> dict[str, Any]:
   row = {'method': method, 'beta': beta, 't': t}
   for key, value in stage.record.items():
-    if key not in ('examples', 'seconds'):
+    if key not in ('examples', 'seconds', 'cpu_seconds'):
       row[key] = value
   return row
 
@@ -356,19 +365,26 @@ def _predictions(config, chosen_t) -> dict[str, dict[str, list[float]]]:
     betas = np.asarray(_PREDICTION_BETAS)
     curve = {
         'beta': betas,
-        'kl': analysis.kl(transform, betas),
-        'w1': analysis.win_rate(transform, betas),
-        'bon': analysis.win_rate(transform, betas, procedure='bon', n=n),
-        'won': analysis.win_rate(transform, betas, procedure='won', n=n),
+        'kl': analysis.kl(transform, betas, num_points=_GRID),
+        'w1': analysis.win_rate(transform, betas, num_points=_GRID),
+        'bon': analysis.win_rate(
+            transform, betas, procedure='bon', n=n, num_points=_GRID
+        ),
+        'won': analysis.win_rate(
+            transform, betas, procedure='won', n=n, num_points=_GRID
+        ),
     }
     curve = {key: np.asarray(value).tolist() for key, value in curve.items()}
     predictions[method] = curve
   return predictions
 
 
-def _stage_seconds(workdir: epath.Path) -> dict[str, float]:
+def _stage_seconds(workdir: epath.Path) -> dict[str, dict[str, float]]:
   seconds = {}
   for done in sorted(workdir.glob(f'*/{stages.DONE_FILE}')):
     record = json.loads(done.read_text())['record']
-    seconds[done.parent.name] = record.get('seconds')
+    seconds[done.parent.name] = {
+        'wall': record.get('seconds'),
+        'cpu': record.get('cpu_seconds'),
+    }
   return seconds

@@ -301,12 +301,29 @@ def _markdown(rows, comparisons, plots, procedure_n, sections) -> str:
   for title, section in sections.items():
     lines.append(f'## {title.replace("_", " ").capitalize()}')
     lines.append('')
-    lines.append('```')
-    lines.append(json.dumps(section, indent=2, sort_keys=True, default=str))
-    lines.append('```')
+    for key, value in section.items():
+      if isinstance(value, list):
+        lines.append(f'- {key}:')
+        lines += [f'  - `{item!r}`' for item in value]
+      elif isinstance(value, float):
+        lines.append(f'- {key}: {value:.4g}')
+      else:
+        lines.append(f'- {key}: {json.dumps(value, default=str)}')
     lines.append('')
   lines += ['## Results', '', table_markdown(rows, procedure_n=procedure_n), '']
-  lines += ['## Matched-KL comparisons', '']
+  lines += [
+      '## Matched-KL comparisons',
+      '',
+      "Each method's measured curve runs through its points sorted by KL,",
+      'starting at the reference policy (KL 0, win rate 1/2). At every KL',
+      "where the challenger was measured inside the baseline's KL range, the",
+      "baseline's win rate and standard error are interpolated linearly",
+      'between its two neighbouring points; the difference is divided by',
+      "sqrt(se_challenger^2 + se_baseline^2). The KL estimates' own standard",
+      'errors are not propagated. A clear win needs '
+      f'{CLEAR_WIN_STANDARD_ERRORS:g} standard errors at every matched KL.',
+      '',
+  ]
   if not comparisons:
     lines.append('The sweep has no baseline or no exp / neg_exp method.')
   for comparison in comparisons.values():

@@ -126,7 +126,7 @@ def train_reference_lm(
       init_params_fn=lambda key: models.init_lm(key, shape),
       key=key,
       train_step=train.make_train_step(
-          supervised.make_lm_loss(shape), optimizer
+          supervised.make_lm_loss_fn(shape), optimizer
       ),
       optimizer=optimizer,
       batch_fn=batch_fn,
@@ -218,7 +218,7 @@ def train_reward_model(
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
 
   if config.reward.loss == 'regression':
-    loss_fn = supervised.make_regression_loss(shape)
+    loss_fn = supervised.make_rating_regression_loss_fn(shape)
 
     def batch_fn(position):
       rows = batch_indices(
@@ -227,11 +227,11 @@ def train_reward_model(
       return {
           'tokens': tokens[rows],
           'mask': mask[rows],
-          'targets': ratings[rows],
+          'ratings': ratings[rows],
       }
 
   elif config.reward.loss == 'bradley_terry':
-    loss_fn = supervised.make_bradley_terry_loss(shape)
+    loss_fn = supervised.make_bradley_terry_loss_fn(shape)
 
     def batch_fn(position):
       first = batch_indices(
