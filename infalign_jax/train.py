@@ -247,7 +247,10 @@ def jit_train_step(train_step: TrainStepFn, mesh: Mesh) -> TrainStepFn:
   The batch is sharded on its leading axis over 'data'; state, frozen arrays,
   the new state and the metrics are replicated. The input state is donated,
   so its buffers are reused for the new state and must not be read after the
-  call. The frozen arrays are never donated.
+  call. The frozen arrays are never donated, but they must not share a buffer
+  with the state either (XLA rejects a donated buffer that is also passed as
+  another argument): copy reference parameters initialized from the policy,
+  for example with `jax.tree.map(jnp.copy, params)`.
 
   Args:
     train_step: a step built with `axis_name=None`.
