@@ -35,6 +35,14 @@ from infalign_jax.supervised import make_lm_loss_fn
 from infalign_jax.supervised import make_rating_regression_loss_fn
 from infalign_jax.supervised import next_token_loss
 from infalign_jax.supervised import rating_regression_loss
+from infalign_jax import losses
+from infalign_jax import train
+from infalign_jax.train import TrainState
+from infalign_jax.train import init_train_state
+from infalign_jax.train import make_train_step
+from infalign_jax import rl
+from infalign_jax.rl import RLConfig
+from infalign_jax.rl import make_rl_train_step
 
 __version__ = '0.1.0'
 
@@ -66,4 +74,12 @@ __all__ = (
     'make_rating_regression_loss_fn',
     'next_token_loss',
     'rating_regression_loss',
+    'losses',
+    'train',
+    'TrainState',
+    'init_train_state',
+    'make_train_step',
+    'rl',
+    'RLConfig',
+    'make_rl_train_step',
 )
