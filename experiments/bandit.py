@@ -26,7 +26,6 @@ the trained policy (which adds the optimization error).
 
 import dataclasses
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -38,13 +37,10 @@ from absl import logging
 from etils import epath
 
 from experiments import common
-from infalign_jax import loop, rl, train, transforms
+from infalign_jax import analysis, loop, rl, train, transforms
 
 REPORT_MARKDOWN = 'bandit_report.md'
 REPORT_JSON = 'bandit_report.json'
-
-# Grid size of the calibrated-space quadrature (midpoint rule on [0, 1]).
-_QUADRATURE_POINTS = 200_000
 
 
 # ---------------------------------------------------------------------------
@@ -261,27 +257,15 @@ def calibrated_space_prediction(
 ) -> dict[str, float]:
   """KL and win rates of q(u) ∝ exp(Phi(u) / beta) on [0, 1].
 
-  KL = ∫ q log q, W_1 = ∫ u q, W_BoN = 1 - n ∫ Q^n u^(n-1) and
-  W_WoN = n ∫ (1 - Q)^n (1 - u)^(n-1), with Q the CDF of q, by the midpoint
-  rule on a grid of 200,000 cells (quadrature error far below 1e-4 for the
-  transforms and betas of the bandit configs).
+  Evaluated by `infalign_jax.analysis.predict`, renamed to the keys of
+  `exact_metrics`.
   """
-  # TODO(#3): use infalign_jax.analysis once it lands, which evaluates the
-  # same integrals; this keeps the bandit check independent of it until then.
-  grid = (np.arange(_QUADRATURE_POINTS) + 0.5) / _QUADRATURE_POINTS
-  du = 1.0 / _QUADRATURE_POINTS
-  phi = np.asarray(transform(jnp.asarray(grid, jnp.float32)), np.float64)
-  log_q = phi / beta
-  log_q -= np.logaddexp.reduce(log_q) + np.log(du)
-  q = np.exp(log_q)
-  cdf = np.clip(np.cumsum(q) * du - 0.5 * q * du, 0.0, 1.0)
+  prediction = analysis.predict(transform, beta, n)
   return {
-      'kl': float(np.sum(q * log_q) * du),
-      'win_rate': float(np.sum(grid * q) * du),
-      'bon_win_rate': float(1.0 - n * np.sum(cdf**n * grid ** (n - 1)) * du),
-      'won_win_rate': float(
-          n * np.sum((1.0 - cdf) ** n * (1.0 - grid) ** (n - 1)) * du
-      ),
+      'kl': float(prediction['kl']),
+      'win_rate': float(prediction['win_rate_standard']),
+      'bon_win_rate': float(prediction['win_rate_bon']),
+      'won_win_rate': float(prediction['win_rate_won']),
   }
 
 
@@ -472,12 +456,4 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
       'passed': passed,
       'max_checked_error': max_error,
       'rows': rows,
-  }
-
-
-def summarize(rows: list[Mapping[str, Any]]) -> dict[str, float]:
-  """Return the largest checked error per method name."""
-  return {
-      row['name']: max(row['errors'][m] for m in row['checked_metrics'])
-      for row in rows
   }
