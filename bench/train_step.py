@@ -139,7 +139,7 @@ def measure_matmul_flops(size: int, repeats: int = 5) -> float:
 
 
 def _make_functions(policy_config, reward_config, num_samples, new_tokens):
-  """The four functions of the RL step for the transformer policy."""
+  """Build the four functions of the RL step for the transformer policy."""
 
   def sample_fn(params, batch, keys):
     def one_prompt(key, tokens, length):

@@ -13,9 +13,9 @@ empirical calibrated reward of the table equals the exact calibrated reward
 under pi_ref, C_k = (sum_{j: r_j < r_k} c_j + c_k / 2) / M, with no sampling
 error. The objective E_pi[Phi(C)] - beta * KL(pi || pi_ref) then has its
 maximum at pi* ∝ pi_ref exp(Phi(C) / beta). With K in the hundreds, every
-atom of pi_ref has mass O(1 / K), so C under pi_ref is close to Uniform[0, 1]
-and the discrete optimum is close to the calibrated-space prediction, in
-which q(u) ∝ exp(Phi(u) / beta) on [0, 1]. KL and win rates of the trained
+atom of pi_ref has mass O(1 / K), so C under pi_ref is close to
+Uniform[0, 1]. The discrete optimum is then close to the calibrated-space
+prediction, in which q(u) ∝ exp(Phi(u) / beta) on [0, 1]. KL and win rates of the trained
 policy are computed exactly from the categorical distributions (rewards are
 distinct, ties count one half), never from samples.
 

@@ -178,8 +178,8 @@ def ctrl_rewards(
     sorted_ref_rewards: [B, M] sorted reference rewards of the same prompts,
       or None. Required when `calibrate` is True; when present with
       `calibrate` False it is still used for the calibrated-reward metric.
-    calibrate: whether the transform sees the calibrated reward (CTRL) or the
-      raw reward (the baseline).
+    calibrate: whether the transform is applied to the calibrated reward
+      (CTRL) or to the raw reward (the baseline).
     transform: elementwise function Phi.
 
   Returns:
@@ -268,7 +268,9 @@ def make_rl_train_step(
     multiplies in the objective), 'kl_k1' (the mean sequence log ratio, an
     unbiased estimate of KL(pi || pi_ref)), 'raw_reward_mean',
     'calibrated_reward_mean' (when the batch carries the table rows),
-    'transformed_reward_mean', 'tie_fraction' (see `_tie_fraction`) and
+    'transformed_reward_mean', 'tie_fraction' (the fraction of samples
+    whose raw reward equals a reference reward of its prompt, or, without a
+    table, another sample's reward) and
     'objective' (transformed_reward_mean - beta * kl).
   """
   transform = transforms.make_transform(

@@ -14,8 +14,8 @@ runs in two ways that give the same result:
 
 Both paths give the same parameters up to float summation order, provided
 the loss is a mean over the leading batch axis and randomness is drawn per
-example (tests/multidevice checks jit on 8 devices, pmap on 8 devices and one
-device after 3 RL steps).
+example. tests/multidevice checks this for jit on 8 devices, pmap on 8
+devices and one device, after 3 RL steps.
 
 Notation: B prompts, S policy samples per prompt, M reference samples per
 prompt, T tokens, V vocabulary.

@@ -7,7 +7,8 @@ Writes runs/bandit/bandit_report.md and bandit_report.json: for each method
 (identity, exp for best-of-4, neg_exp for worst-of-4), the trained policy's
 exact KL and win rates beside the calibrated-space prediction. The check
 passes when every checked metric is within `tolerance` of the prediction.
-`--config.smoke=True` keeps only the shape (few steps), for wiring tests.
+`--config=experiments/configs/bandit.py:smoke` runs 20 steps per method, to
+check the wiring (the comparison is then not expected to pass).
 """
 
 import ml_collections
@@ -30,12 +31,19 @@ def _method(name, transform, transform_params, beta, checked_metrics):
   return method
 
 
-def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
-  """Return the bandit config; `smoke` shrinks the run to a few steps."""
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """Return the bandit config; variant 'smoke' shrinks it to 20 steps."""
+  if variant not in ('', 'smoke'):
+    raise ValueError(
+        f"Unknown bandit config variant {variant!r}; use '' or 'smoke'."
+    )
+  smoke = variant == 'smoke'
+
   config = ml_collections.ConfigDict()
+
   # Module in experiments/ that runs this config.
   config.experiment = 'bandit'
-  # Shrinks the run to a few steps (the check is then not expected to pass).
+  # Whether the ':smoke' variant built this config (20 steps per method).
   config.smoke = smoke
   # Seed of the rewards, reference policy and training keys.
   config.seed = 0
@@ -77,6 +85,7 @@ def get_config(smoke: bool = False) -> ml_collections.ConfigDict:
   config.tolerance = 0.01
   # Log and write metrics every this many steps.
   config.log_every = 500
+
   # The methods to train and check.
   config.methods = [
       _method('identity', 'identity', {}, 0.2, _ALL_METRICS),
