@@ -203,6 +203,20 @@ def test_leave_one_out_advantages_by_hand():
   )
 
 
+@hypothesis.settings(deadline=None, max_examples=30)
+@hypothesis.given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=8)
+)
+def test_leave_one_out_advantages_sum_to_zero(values):
+  rewards = jnp.asarray([values], jnp.float32)
+  advantages = losses.leave_one_out_advantages(rewards)
+  scale = max(1.0, float(jnp.max(jnp.abs(rewards))))
+  assert abs(float(jnp.sum(advantages))) <= 1e-4 * scale * len(values)
+  # Adding a constant to every reward leaves the advantages unchanged.
+  shifted = losses.leave_one_out_advantages(rewards + 5.0)
+  np.testing.assert_allclose(shifted, advantages, atol=1e-3 * scale)
+
+
 def test_reinforce_loo_gradient_checks():
   logp = jax.random.normal(jax.random.key(0), (2, 4)) - 1.0
   rewards = jax.random.normal(jax.random.key(1), (2, 4))
