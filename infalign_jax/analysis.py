@@ -19,13 +19,14 @@ cases.
 Numerics: densities live on a uniform grid of `num_points` nodes on [0, 1]
 with trapezoid weights. Q is the cumulative trapezoid sum, so the same
 quadrature defines the KL, the win rates and (through `jax.grad`) the optimal
-transform. Every function here runs in float64 under `jax.enable_x64`, and
-normalizes with a weighted log-sum-exp, so exp(t u) / beta stays finite for
-t up to 200 and beta down to 1e-3 (the largest logit is e^200 / 1e-3, about
-7e89, far below the float64 limit of 1.8e308). A density narrower than one
+transform. Every function here runs in float64 under `jax.enable_x64` and
+normalizes with a weighted log-sum-exp. So exp(t u) / beta stays finite for
+t up to 200 and beta down to 1e-3: the largest logit, e^200 / 1e-3, is about
+7e89, far below the float64 limit of 1.8e308. A density narrower than one
 grid cell collapses onto the top node, so the KL saturates near
 log(2 (num_points - 1)) instead of growing without bound. With the default
-16385 nodes the closed forms in the tests are met to within 1e-6.
+16385 nodes, KL and win rates match the closed forms (identity, log and
+power-family tilts) to within 2e-6.
 
 Public functions are host-side tools: they take Python numbers or NumPy
 arrays and return Python floats or NumPy float64 arrays.
@@ -80,25 +81,38 @@ TransformLike = str | Callable[[jax.Array], jax.Array]
 # Argument handling.
 
 
-def _bon_map(n: int) -> CdfMap:
-  return lambda cdf: cdf**n
+# Internally a procedure is a "kind" g(cdf, n) plus a float n, so that n is
+# traced and compiled functions are shared by every n.
+CdfKind = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _won_map(n: int) -> CdfMap:
-  return lambda cdf: 1.0 - (1.0 - cdf) ** n
-
-
-def _standard_map(cdf: jax.Array) -> jax.Array:
+def _standard_kind(cdf: jax.Array, n: jax.Array) -> jax.Array:
+  del n
   return cdf
 
 
+def _bon_kind(cdf: jax.Array, n: jax.Array) -> jax.Array:
+  return cdf**n
+
+
+def _won_kind(cdf: jax.Array, n: jax.Array) -> jax.Array:
+  return 1.0 - (1.0 - cdf) ** n
+
+
+_KINDS = {'standard': _standard_kind, 'bon': _bon_kind, 'won': _won_kind}
+
+
 @functools.lru_cache(maxsize=256)
-def _named_cdf_map(procedure: str, n: int) -> CdfMap:
-  if procedure == 'standard':
-    return _standard_map
-  if procedure == 'bon':
-    return _bon_map(n)
-  return _won_map(n)
+def _user_kind(g: CdfMap) -> CdfKind:
+  return lambda cdf, n: g(cdf)
+
+
+def _procedure_kind(procedure: str | CdfMap, n: int) -> tuple[CdfKind, float]:
+  """Validate (procedure, n) and return (kind, n as a float)."""
+  g = procedure_cdf_map(procedure, n)
+  if callable(procedure):
+    return _user_kind(g), 1.0
+  return _KINDS[procedure], float(n)
 
 
 def procedure_cdf_map(procedure: str | CdfMap, n: int = 1) -> CdfMap:
@@ -113,8 +127,7 @@ def procedure_cdf_map(procedure: str | CdfMap, n: int = 1) -> CdfMap:
       for a callable.
 
   Returns:
-    The map g. The same object is returned for the same named arguments, so
-    compiled functions are reused.
+    The map g (a callable given as `procedure` is returned as is).
 
   Raises:
     ValueError: an unknown name, n < 1, n != 1 with 'standard', or a
@@ -136,7 +149,8 @@ def procedure_cdf_map(procedure: str | CdfMap, n: int = 1) -> CdfMap:
         f"procedure 'standard' samples once, so n must be 1, got n={n}. Use "
         "'bon' or 'won' for n > 1."
     )
-  return _named_cdf_map(procedure, int(n))
+  kind = _KINDS[procedure]
+  return lambda cdf: kind(cdf, float(n))
 
 
 def _as_transform(transform: TransformLike) -> transforms_lib.Transform:
@@ -223,25 +237,49 @@ def _kl_of_log_density(log_q: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.sum(w * jnp.where(q > 0, q * log_q, 0.0))
 
 
-def _win_of_density(q: jax.Array, g: CdfMap, w: jax.Array) -> jax.Array:
+def _win_of_density(
+    q: jax.Array, kind: CdfKind, n: jax.Array, w: jax.Array
+) -> jax.Array:
   u = jnp.linspace(0.0, 1.0, q.shape[0], dtype=q.dtype)
-  g_prime = jax.vmap(jax.grad(g))(u)
-  return 1.0 - jnp.sum(w * g(_cdf(q)) * g_prime)
+  g_prime = jax.vmap(jax.grad(kind), in_axes=(0, None))(u, n)
+  cdf = _cdf(q)
+  # Dividing by the last value makes the CDF end at exactly 1 and stay in
+  # [0, 1], so rounding never gives (1 - cdf)^n a negative base.
+  cdf = cdf / cdf[-1]
+  return 1.0 - jnp.sum(w * kind(cdf, n) * g_prime)
 
 
-@functools.partial(jax.jit, static_argnames=('maps',))
-def _metrics(phi: jax.Array, betas: jax.Array, maps: tuple[CdfMap, ...]):
-  """Return KL [K] and win rates [len(maps), K] for betas [K]."""
+@functools.partial(jax.jit, static_argnames=('kinds',))
+def _metrics(
+    phi: jax.Array,
+    betas: jax.Array,
+    ns: jax.Array,
+    kinds: tuple[CdfKind, ...],
+):
+  """Return KL [K] and win rates [len(kinds), K] for betas [K]."""
   w = _weights(phi.shape[0])
 
   def one(beta):
     log_q = _log_density(phi, beta, w)
     q = jnp.exp(log_q)
-    wins = jnp.stack([_win_of_density(q, g, w) for g in maps])
+    wins = jnp.stack(
+        [_win_of_density(q, kind, ns[i], w) for i, kind in enumerate(kinds)]
+    )
     return _kl_of_log_density(log_q, w), wins
 
   kls, wins = jax.vmap(one)(betas)
   return kls, wins.T
+
+
+@jax.jit
+def _density(phi: jax.Array, beta: jax.Array) -> jax.Array:
+  return jnp.exp(_log_density(phi, beta, _weights(phi.shape[0])))
+
+
+@jax.jit
+def _kl_at(phi: jax.Array, beta: jax.Array) -> jax.Array:
+  w = _weights(phi.shape[0])
+  return _kl_of_log_density(_log_density(phi, beta, w), w)
 
 
 # ---------------------------------------------------------------------------
@@ -273,9 +311,8 @@ def tilted_density(
     raise ValueError('tilted_density takes one beta.')
   with jax.enable_x64(True):
     phi = _phi_on_grid(transform, num_points)
-    log_q = _log_density(phi, betas[0], _weights(num_points))
-    u = jnp.linspace(0.0, 1.0, num_points, dtype=jnp.float64)
-    return np.asarray(u), np.asarray(jnp.exp(log_q))
+    q = _density(phi, jnp.float64(betas[0]))
+    return np.linspace(0.0, 1.0, num_points), np.asarray(q)
 
 
 def kl(
@@ -340,10 +377,12 @@ def win_rate_and_kl(
   """Return (win rate, KL) together; arguments as in `win_rate`."""
   _check_num_points(num_points)
   betas, scalar = _betas(beta)
-  g = procedure_cdf_map(procedure, n)
+  kind, n_value = _procedure_kind(procedure, n)
   with jax.enable_x64(True):
     phi = _phi_on_grid(transform, num_points)
-    kls, wins = _metrics(phi, jnp.asarray(betas), (g,))
+    kls, wins = _metrics(
+        phi, jnp.asarray(betas), jnp.asarray([n_value]), (kind,)
+    )
     return _unbatch(wins[0], scalar), _unbatch(kls, scalar)
 
 
@@ -371,14 +410,12 @@ def predict(
   """
   _check_num_points(num_points)
   betas, scalar = _betas(beta)
-  maps = (
-      procedure_cdf_map('standard'),
-      procedure_cdf_map('bon', n),
-      procedure_cdf_map('won', n),
-  )
+  procedure_cdf_map('bon', n)
+  kinds = (_standard_kind, _bon_kind, _won_kind)
+  ns = [1.0, float(n), float(n)]
   with jax.enable_x64(True):
     phi = _phi_on_grid(transform, num_points)
-    kls, wins = _metrics(phi, jnp.asarray(betas), maps)
+    kls, wins = _metrics(phi, jnp.asarray(betas), jnp.asarray(ns), kinds)
     wins = np.asarray(wins)
     return {
         'kl': _unbatch(kls, scalar),
@@ -501,11 +538,7 @@ def beta_for_kl(
     if float(jnp.max(phi) - jnp.min(phi[jnp.isfinite(phi)])) <= 0:
       raise ValueError('A constant transform has KL 0 at every beta.')
     beta = float(_beta_for_kl_batch(phi[None], jnp.float64(kl_target))[0])
-    reached = float(
-        _kl_of_log_density(
-            _log_density(phi, beta, _weights(num_points)), _weights(num_points)
-        )
-    )
+    reached = float(_kl_at(phi, jnp.float64(beta)))
   if abs(reached - kl_target) > 1e-6 * max(1.0, kl_target):
     raise ValueError(
         f'Transform {_as_transform(transform)!r} cannot reach KL '
@@ -521,18 +554,41 @@ def beta_for_kl(
 _DEFAULT_FAMILY = {'standard': 'exp', 'bon': 'exp', 'won': 'neg_exp'}
 
 
-def _family_phis(family: str, ts: np.ndarray, num_points: int) -> jax.Array:
-  return jnp.stack([
-      _phi_on_grid(transforms_lib.make_transform(family, t=float(t)), num_points)
-      for t in ts
-  ])
+def _family_phis(family: str, ts: jax.Array, num_points: int) -> jax.Array:
+  """Phi of make_transform(family, t=t) for each t, as [T, G] (traceable).
+
+  The same formulas as `transforms.make_transform`, written here so that t
+  can be traced; a test checks that the two agree.
+  """
+  u = jnp.linspace(0.0, 1.0, num_points, dtype=jnp.float64)
+  if family == 'exp':
+    return jnp.exp(ts[:, None] * u[None, :])
+  return -jnp.exp(-ts[:, None] * u[None, :])
+
+
+_family_phis_jit = jax.jit(
+    _family_phis, static_argnames=('family', 'num_points')
+)
+
+
+@functools.partial(jax.jit, static_argnames=('kind',))
+def _metrics_per_row(
+    phis: jax.Array, betas: jax.Array, n: jax.Array, kind: CdfKind
+):
+  """Return KL [T] and win rate [T] of row phis[i] at betas[i]."""
+  kls, wins = jax.vmap(
+      lambda phi, beta: _metrics(phi, beta[None], n[None], (kind,))
+  )(phis, betas)
+  return kls[:, 0], wins[:, 0, 0]
 
 
 def _win_at_kl(
-    family: str,
-    ts: np.ndarray,
-    g: CdfMap,
+    ts: jax.Array,
     kl_budget: float,
+    *,
+    family: str,
+    kind: CdfKind,
+    n: float,
     num_points: int,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Return (win rate [T], beta [T]) for each t at KL = kl_budget.
@@ -540,14 +596,15 @@ def _win_at_kl(
   A t whose transform cannot reach the budget (neg_exp with large t is
   bounded, so its KL flattens out) gets win rate -inf.
   """
-  phis = _family_phis(family, ts, num_points)
+  phis = _family_phis_jit(family, ts, num_points)
   betas = _beta_for_kl_batch(phis, jnp.float64(kl_budget))
-  kls, wins = jax.vmap(lambda phi, beta: _metrics(phi, beta[None], (g,)))(
-      phis, betas
-  )
-  reached = jnp.abs(kls[:, 0] - kl_budget) <= 1e-6 * max(1.0, kl_budget)
-  wins = jnp.where(reached, wins[:, 0, 0], -jnp.inf)
-  return np.asarray(wins), np.asarray(betas)
+  kls, wins = _metrics_per_row(phis, betas, jnp.float64(n), kind)
+  reached = np.abs(np.asarray(kls) - kl_budget) <= 1e-6 * max(1.0, kl_budget)
+  return np.where(reached, np.asarray(wins), -np.inf), np.asarray(betas)
+
+
+# exp(t u) overflows float64 for t > 709.
+_MAX_T = 700.0
 
 
 def choose_t_details(
@@ -584,7 +641,7 @@ def choose_t_details(
   Raises:
     ValueError: invalid procedure, n, kl_budget, family or t_range.
   """
-  g = procedure_cdf_map(procedure, n)
+  kind, n_value = _procedure_kind(procedure, n)
   if family is None:
     family = _DEFAULT_FAMILY.get(procedure, 'exp') if isinstance(
         procedure, str
@@ -595,8 +652,11 @@ def choose_t_details(
   base.check_int_at_least('num_candidates', num_candidates, 3)
   _check_num_points(num_points)
   t_lo, t_hi = (float(t) for t in t_range)
-  if not t_lo < t_hi:
-    raise ValueError(f't_range must be (low, high) with low < high, got {t_range}.')
+  if not t_lo < t_hi <= _MAX_T:
+    raise ValueError(
+        f't_range must be (low, high) with 0 < low < high <= {_MAX_T:g}, got '
+        f'{t_range}.'
+    )
   if kl_budget >= _max_kl(num_points) - 1.0:
     raise ValueError(
         f'kl_budget={kl_budget} is too large for a grid of {num_points} '
@@ -604,8 +664,16 @@ def choose_t_details(
     )
 
   with jax.enable_x64(True):
+    search = functools.partial(
+        _win_at_kl,
+        kl_budget=float(kl_budget),
+        family=family,
+        kind=kind,
+        n=n_value,
+        num_points=num_points,
+    )
     log_ts = np.linspace(math.log(t_lo), math.log(t_hi), num_candidates)
-    wins, _ = _win_at_kl(family, np.exp(log_ts), g, kl_budget, num_points)
+    wins = np.asarray(search(jnp.asarray(np.exp(log_ts)))[0])
     if not np.any(np.isfinite(wins)):
       raise ValueError(
           f'No {family} transform with t in {t_range} reaches KL '
@@ -616,10 +684,7 @@ def choose_t_details(
     hi = log_ts[min(best + 1, num_candidates - 1)]
 
     def objective(log_t):
-      return float(
-          _win_at_kl(family, np.array([math.exp(log_t)]), g, kl_budget,
-                     num_points)[0][0]
-      )
+      return float(search(jnp.asarray([math.exp(log_t)]))[0][0])
 
     # Golden-section search for the maximum on [lo, hi].
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
@@ -638,7 +703,8 @@ def choose_t_details(
     candidates = [(wins[best], log_ts[best]), (fc, c), (fd, d)]
     _, log_t = max(candidates)
     t = math.exp(log_t)
-    win, beta = _win_at_kl(family, np.array([t]), g, kl_budget, num_points)
+    win, beta = search(jnp.asarray([t]))
+    win, beta = np.asarray(win), np.asarray(beta)
   return {
       't': t,
       'beta': float(beta[0]),
@@ -687,16 +753,20 @@ class OptimalSolution:
   converged: bool
 
 
-def _marginal_gain(q: jax.Array, g: CdfMap, w: jax.Array) -> jax.Array:
+def _marginal_gain(
+    q: jax.Array, kind: CdfKind, n: jax.Array, w: jax.Array
+) -> jax.Array:
   """R(u) = dW/dq(u), the functional derivative, with R(0) = 0."""
-  grad = jax.grad(_win_of_density)(q, g, w) / w
+  grad = jax.grad(_win_of_density)(q, kind, n, w) / w
   return grad - grad[0]
 
 
 @functools.partial(
-    jax.jit, static_argnames=('g', 'num_points', 'max_iterations')
+    jax.jit, static_argnames=('kind', 'num_points', 'max_iterations')
 )
-def _fixed_point(beta, damping, tol, *, g, num_points, max_iterations):
+def _fixed_point(
+    beta, damping, tol, n, *, kind, num_points, max_iterations
+):
   """Iterate log q <- (1 - a) log q + a log normalize(exp(R(q) / beta)).
 
   The step a starts at `damping`, halves whenever the residual grows and
@@ -705,7 +775,7 @@ def _fixed_point(beta, damping, tol, *, g, num_points, max_iterations):
   w = _weights(num_points)
 
   def target_log(log_q):
-    return _log_density(_marginal_gain(jnp.exp(log_q), g, w), beta, w)
+    return _log_density(_marginal_gain(jnp.exp(log_q), kind, n, w), beta, w)
 
   def residual(log_q, new_log_q):
     q, new_q = jnp.exp(log_q), jnp.exp(new_log_q)
@@ -731,7 +801,7 @@ def _fixed_point(beta, damping, tol, *, g, num_points, max_iterations):
       cond, body, (log_q0, damping, jnp.float64(jnp.inf), jnp.int32(0))
   )
   q = jnp.exp(log_q)
-  return q, _marginal_gain(q, g, w), change, iterations
+  return q, _marginal_gain(q, kind, n, w), change, iterations
 
 
 def solve_optimal(
@@ -754,9 +824,9 @@ def solve_optimal(
   R(u) = N^2 ∫_0^u Q^(N-1) s^(N-1) ds) and worst-of-N.
 
   For best-of-N the objective is concave in q, so the fixed point is the
-  global optimum. For worst-of-N it is not concave in general, so a fixed
-  point is a stationary point; the tests check that it beats every neg_exp
-  and exp transform at the same beta for the betas they cover.
+  global optimum. For worst-of-N the win rate is convex in q, so the fixed
+  point is a stationary point that is not guaranteed to be the global
+  optimum.
 
   Args:
     procedure: 'standard', 'bon', 'won', or a map g on CDFs.
@@ -774,7 +844,7 @@ def solve_optimal(
   Raises:
     ValueError: invalid procedure, n, beta, damping or iteration settings.
   """
-  g = procedure_cdf_map(procedure, n)
+  kind, n_value = _procedure_kind(procedure, n)
   base.check_positive('beta', beta)
   if not 0.0 < damping <= 1.0:
     raise ValueError(f'damping must be in (0, 1], got {damping!r}.')
@@ -787,14 +857,15 @@ def solve_optimal(
         jnp.float64(beta),
         jnp.float64(damping),
         jnp.float64(tol),
-        g=g,
+        jnp.float64(n_value),
+        kind=kind,
         num_points=num_points,
         max_iterations=max_iterations,
     )
     w = _weights(num_points)
     log_q = jnp.log(q)
     kl_value = float(_kl_of_log_density(log_q, w))
-    win = float(_win_of_density(q, g, w))
+    win = float(_win_of_density(q, kind, jnp.float64(n_value), w))
     u = np.linspace(0.0, 1.0, num_points)
     converged = bool(change <= tol)
   if not converged:

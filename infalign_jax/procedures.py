@@ -140,10 +140,10 @@ def order_statistic_weights(
 ) -> np.ndarray:
   """Probability that the i-th smallest of S samples is the subset's output.
 
-  For a uniformly random n-subset of S samples sorted ascending, entry i - 1
-  is C(i - 1, n - 1) / C(S, n) for 'bon' (the subset maximum) and
-  C(S - i, n - 1) / C(S, n) for 'won' (the subset minimum). The weights sum
-  to 1; for n = 1 they are all 1 / S.
+  Take a uniformly random n-subset of S samples sorted ascending. For 'bon',
+  entry i - 1 is C(i - 1, n - 1) / C(S, n), the probability that the i-th
+  smallest is the subset maximum. For 'won' it is C(S - i, n - 1) / C(S, n)
+  (the subset minimum). The weights sum to 1, and for n = 1 they are 1 / S.
 
   Args:
     num_samples: S >= n.

@@ -216,7 +216,20 @@ class ChooseTTest(parameterized.TestCase):
                               num_points=_SMALL)
       self.assertGreaterEqual(chosen['win_rate'], win - 1e-9, f't={t}')
 
+  def test_family_formulas_match_transforms(self):
+    with jax.enable_x64(True):
+      ts = np.array([0.5, 7.0, 200.0])
+      for family in ('exp', 'neg_exp'):
+        phis = np.asarray(analysis._family_phis(family, ts, 33))
+        for t, phi in zip(ts, phis, strict=True):
+          expected = transforms.make_transform(family, t=float(t))(
+              np.linspace(0.0, 1.0, 33)
+          )
+          np.testing.assert_allclose(phi, expected, rtol=1e-14)
+
   def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, 't_range must be'):
+      analysis.choose_t('bon', 4, 0.5, t_range=(1.0, 1000.0))
     with self.assertRaisesRegex(ValueError, "Unknown family 'power'"):
       analysis.choose_t('bon', 4, 0.5, family='power')
     with self.assertRaisesRegex(ValueError, 'kl_budget must be finite'):

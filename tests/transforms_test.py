@@ -54,7 +54,7 @@ class MakeTransformTest(parameterized.TestCase):
     self.assertEqual(float(normalized[0]), 0.0)
     neg = transforms.make_transform('neg_exp', t=200.0)(u)
     self.assertTrue(bool(jnp.all(jnp.isfinite(neg))))
-    # The plain form overflows, as its docstring says.
+    # The plain form overflows to inf, as documented.
     plain = transforms.make_transform('exp', t=200.0)(u)
     self.assertTrue(bool(jnp.isinf(plain[-1])))
 
