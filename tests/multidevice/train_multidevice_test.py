@@ -6,6 +6,8 @@ Run in its own process with 8 host CPU devices (the Makefile sets it):
       .venv/bin/python -m pytest tests/multidevice
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,10 +73,16 @@ def _initial_state(problem):
   return train.init_train_state(params, _OPTIMIZER, jax.random.key(7))
 
 
+@functools.cache
+def _jit_step(algorithm, num_devices):
+  """Return the mesh and the compiled step, built once per test module."""
+  mesh = train.make_mesh(num_devices)
+  return mesh, train.jit_train_step(_make_step(algorithm), mesh)
+
+
 def _run_jit(algorithm, num_devices):
   problem = _problem()
-  mesh = train.make_mesh(num_devices)
-  step = train.jit_train_step(_make_step(algorithm), mesh)
+  mesh, step = _jit_step(algorithm, num_devices)
   state = train.replicate_on_mesh(_initial_state(problem), mesh)
   batch = train.shard_batch(bandit.make_batch(problem), mesh)
   frozen = train.replicate_on_mesh(bandit.make_frozen(problem), mesh)
@@ -153,8 +161,7 @@ def test_ppo_jit_and_pmap_agree():
 
 def test_jit_step_shards_batch_and_donates_state():
   problem = _problem()
-  mesh = train.make_mesh(_NUM_DEVICES)
-  step = train.jit_train_step(_make_step('reinforce'), mesh)
+  mesh, step = _jit_step('reinforce', _NUM_DEVICES)
   state = train.replicate_on_mesh(_initial_state(problem), mesh)
   batch = train.shard_batch(bandit.make_batch(problem), mesh)
   frozen = train.replicate_on_mesh(bandit.make_frozen(problem), mesh)
