@@ -51,6 +51,10 @@ class SampleOutput(NamedTuple):
       temperature=1.0)`. 0 where `mask` is False.
     mask: [B, S, L] bool, True up to and including the first EOS (every
       position when no EOS was drawn).
+
+  NOTE: with float32 compute the log-probabilities match
+  `completion_logprobs` to about 1e-6. With bfloat16 compute the cached and
+  uncached passes round differently; on a tiny model they differed by 6e-4.
   """
 
   tokens: jax.Array

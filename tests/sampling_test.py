@@ -209,6 +209,18 @@ class SampleTest(parameterized.TestCase):
         float(jnp.max(jnp.abs(hot.logprobs - hot.untempered_logprobs))), 1e-3
     )
 
+  def test_inside_outer_jit_with_traced_lengths(self):
+    key = jax.random.key(13)
+    out = _sample(key, self.params)
+
+    @jax.jit
+    def sample_traced(key, params, lengths, temperature):
+      return _sample(key, params, lengths=lengths, temperature=temperature)
+
+    traced = sample_traced(key, self.params, _LENGTHS, jnp.float32(0.7))
+    np.testing.assert_array_equal(traced.tokens, out.tokens)
+    np.testing.assert_allclose(traced.logprobs, out.logprobs, atol=1e-6)
+
   @parameterized.named_parameters(
       ('zero_temperature', dict(temperature=0.0)),
       ('negative_temperature', dict(temperature=-1.0)),

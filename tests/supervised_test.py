@@ -2,11 +2,13 @@
 
 import math
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl.testing import absltest, parameterized
+from hypothesis import strategies as st
 from jax import test_util
 
 from infalign_jax import models, supervised, train
@@ -122,6 +124,21 @@ class BradleyTerryLossTest(parameterized.TestCase):
         lambda c: jnp.sum(supervised.bradley_terry_loss(c, rejected))
     )(chosen)
     np.testing.assert_allclose(grads, [-1.0, 0.0])
+
+  @hypothesis.settings(max_examples=50, deadline=None)
+  @hypothesis.given(
+      chosen=st.floats(-30, 30, width=32), rejected=st.floats(-30, 30, width=32)
+  )
+  def test_swapping_pair_adds_margin(self, chosen, rejected):
+    # softplus(x) - softplus(-x) = x, so swapping the pair changes the loss
+    # by exactly the score margin, and the loss is never negative.
+    chosen, rejected = jnp.array([chosen]), jnp.array([rejected])
+    forward = supervised.bradley_terry_loss(chosen, rejected)
+    swapped = supervised.bradley_terry_loss(rejected, chosen)
+    self.assertGreaterEqual(float(forward[0]), 0.0)
+    np.testing.assert_allclose(
+        swapped - forward, chosen - rejected, rtol=1e-5, atol=1e-5
+    )
 
   def test_rejects_mismatched_shapes(self):
     with self.assertRaises(ValueError):
