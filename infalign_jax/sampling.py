@@ -272,7 +272,7 @@ def _sample_uncached(
     eos_id,
     pad_id,
 ):
-  batch, prompt_len = prompt_tokens.shape
+  batch = prompt_tokens.shape[0]
   rows = batch * num_samples
   row_keys = _row_keys(key, batch, num_samples)
   lengths = jnp.repeat(prompt_lengths.astype(jnp.int32), num_samples)
@@ -298,7 +298,6 @@ def _sample_uncached(
 
   out = _empty_completions(rows, max_new_tokens, pad_id)
   _, _, out = jax.lax.while_loop(keep_going, recompute, (0, sequences, out))
-  del prompt_len
   return _to_output(out, batch, num_samples)
 
 
