@@ -1,5 +1,6 @@
 """Tests for infalign_jax.calibration."""
 
+import functools
 import os
 import tempfile
 
@@ -86,7 +87,7 @@ class CalibratedRewardsTest(parameterized.TestCase):
     )
     np.testing.assert_array_equal(got, [[0.0, 0.5, 1.0]])
 
-  @parameterized.parameters('scan_unrolled', 'sort', 'compare_all')
+  @parameterized.parameters('scan', 'scan_unrolled', 'sort', 'compare_all')
   def test_methods_agree(self, method):
     rng = np.random.default_rng(1)
     ref = np.sort(rng.integers(0, 10, size=(3, 17)).astype(np.float32), -1)
@@ -127,9 +128,13 @@ class CalibratedRewardsTest(parameterized.TestCase):
     np.testing.assert_array_equal(grad, np.zeros((1, 2)))
 
   def test_jit_non_finite_behaviour(self):
-    got = jax.jit(calibration.calibrated_rewards)(
-        jnp.array([[jnp.nan, jnp.inf, -jnp.inf]]), jnp.array([[0.0, 1.0]])
-    )
+    rewards = jnp.array([[jnp.nan, jnp.inf, -jnp.inf]])
+    ref = jnp.array([[0.0, 1.0]])
+    got = jax.jit(calibration.calibrated_rewards)(rewards, ref)
+    np.testing.assert_array_equal(got, [[0.0, 1.0, 0.0]])
+    got = jax.jit(
+        functools.partial(calibration.calibrated_rewards, method='scan')
+    )(rewards, ref)
     np.testing.assert_array_equal(got, [[1.0, 1.0, 0.0]])
 
   # Few distinct shapes, so that eager dispatch compiles only a few times.
