@@ -305,7 +305,7 @@ class CalibrationTable:
     identity = dict(self.identity)
     if identity.get('M', rows.shape[1]) != rows.shape[1]:
       raise ValueError(
-          f'identity says M={identity["M"]} but sorted_rewards has '
+          f'identity records M={identity["M"]} but sorted_rewards has '
           f'{rows.shape[1]} columns.'
       )
     identity['M'] = int(rows.shape[1])
