@@ -95,14 +95,10 @@ def _default_config() -> ml_collections.ConfigDict:
   # 'regression' to the mean human rating, or 'bradley_terry' on pairs of
   # texts ordered by their raters' mean.
   config.reward.loss = 'regression'
-  # Transformer width of the reward model.
-  config.reward.width = 96
-  # Number of transformer blocks.
-  config.reward.depth = 2
-  # Attention heads per block.
-  config.reward.num_heads = 4
-  # Hidden size of each block's MLP.
-  config.reward.mlp_width = 384
+  # The reward model is the LM's transformer with a scalar head on the last
+  # token. True: its trunk starts from the trained reference LM (as in
+  # RLHF practice); False: from a fresh initialization.
+  config.reward.init_from_reference = True
   # Optimizer steps.
   config.reward.steps = 600
   # Texts (regression) or pairs (Bradley-Terry) per step.
@@ -191,10 +187,6 @@ def _apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.lm.num_eval_texts = 32
   config.lm.num_samples = 2
   config.lm.checkpoint_every = 10
-  config.reward.width = 32
-  config.reward.depth = 1
-  config.reward.num_heads = 2
-  config.reward.mlp_width = 64
   config.reward.steps = 30
   config.reward.batch_size = 8
   config.reward.checkpoint_every = 10
@@ -227,10 +219,6 @@ def _apply_large(config: ml_collections.ConfigDict) -> None:
   config.lm.warmup_steps = 500
   config.lm.num_eval_texts = 2048
   config.lm.checkpoint_every = 1000
-  config.reward.width = 384
-  config.reward.depth = 6
-  config.reward.num_heads = 6
-  config.reward.mlp_width = 1536
   config.reward.steps = 8000
   config.reward.batch_size = 256
   config.reward.learning_rate = 3e-4

@@ -158,20 +158,21 @@ def choose_transform_parameters(
   return chosen
 
 
-def train_policy(
-    directory: epath.Path,
+def make_policy_trainer(
     config: ml_collections.ConfigDict,
     *,
     method: str,
     beta: float,
     t: float | None,
-    reference_params: Any,
-    reward_params: Any,
     prompts: Sequence[str],
     table: calibration.CalibrationTable,
     reward_scale: float,
-) -> dict[str, Any]:
-  """Run KL-regularized RL from the reference policy for one (method, beta)."""
+) -> training.Trainer:
+  """Build the RL step, optimizer and batches of one (method, beta) run.
+
+  The step's `frozen` argument is {'reference': reference LM parameters,
+  'reward_model': reward-model parameters}.
+  """
   shape = policy.lm_config(config)
   prompt_tokens, prompt_lengths = policy.encode_prompts(prompts, config)
   if config.rl.batch_prompts > len(prompts):
@@ -227,6 +228,17 @@ def train_policy(
         samples['mask'],
     )
 
+  def reward_fn(frozen, batch, samples):
+    rewards = policy.reward_of_completions(
+        frozen['reward_model'],
+        batch['prompt_tokens'],
+        batch['prompt_lengths'],
+        samples['tokens'],
+        samples['mask'],
+        shape=reward_shape,
+    )
+    return rewards / scale
+
   optimizer = optax.adam(config.rl.learning_rate)
   train_step = rl.make_rl_train_step(
       rl_config,
@@ -236,15 +248,38 @@ def train_policy(
       ref_logprob_fn=lambda frozen, batch, samples: completion_logprobs(
           frozen['reference'], batch, samples
       ),
-      reward_fn=lambda frozen, batch, samples: policy.reward_of_completions(
-          frozen['reward_model'],
-          batch['prompt_tokens'],
-          batch['prompt_lengths'],
-          samples['tokens'],
-          samples['mask'],
-          shape=reward_shape,
-      )
-      / scale,
+      reward_fn=reward_fn,
+  )
+  return training.Trainer(
+      train_step=train_step,
+      optimizer=optimizer,
+      batch_fn=batch_fn,
+      batch_size=config.rl.batch_prompts,
+  )
+
+
+def train_policy(
+    directory: epath.Path,
+    config: ml_collections.ConfigDict,
+    *,
+    method: str,
+    beta: float,
+    t: float | None,
+    reference_params: Any,
+    reward_params: Any,
+    prompts: Sequence[str],
+    table: calibration.CalibrationTable,
+    reward_scale: float,
+) -> dict[str, Any]:
+  """Run KL-regularized RL from the reference policy for one (method, beta)."""
+  trainer = make_policy_trainer(
+      config,
+      method=method,
+      beta=beta,
+      t=t,
+      prompts=prompts,
+      table=table,
+      reward_scale=reward_scale,
   )
   key = jax.random.fold_in(jax.random.key(config.seed), _RL_TAG)
   logging.info(
@@ -258,18 +293,15 @@ def train_policy(
   run_config = {'method': method, 'beta': beta, 't': t, **config.rl.to_dict()}
   state = training.run_trainer(
       directory,
+      trainer,
       # A copy, because the train step donates the state's buffers.
       init_params_fn=lambda key: jax.tree.map(jnp.copy, reference_params),
       key=key,
-      train_step=train_step,
-      optimizer=optimizer,
-      batch_fn=batch_fn,
-      batch_size=config.rl.batch_prompts,
       num_steps=config.rl.steps,
       config_json=json.dumps(run_config, sort_keys=True, default=str),
       checkpoint_every=config.rl.checkpoint_every,
       frozen={'reference': reference_params, 'reward_model': reward_params},
-      table_identity=table.identity if calibrate else None,
+      table_identity=table.identity if method != 'baseline' else None,
   )
   params_sha256 = policy.save_params(directory, state.params)
   return {'steps': int(state.step), 'params_sha256': params_sha256}

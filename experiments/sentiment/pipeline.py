@@ -81,20 +81,24 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
           prompt_sets['eval'][: config.lm.num_samples],
       ),
   )
+  reference_params = policy.as_jnp(policy.load_params(reference.directory))
   reward_subsets = tuple(config.data.reward_subsets)
+  init_from_reference = config.reward.init_from_reference
   reward = stages.run_stage(
       workdir,
       'reward_model',
-      _slice(config, 'reward', 'data', 'prompts', 'seed'),
-      {'data': data},
+      _slice(config, 'lm', 'reward', 'data', 'seed'),
+      {'data': data, 'reference_lm': reference}
+      if init_from_reference
+      else {'data': data},
       lambda d: training.train_reward_model(
           d,
           config,
           [e for e in train_examples if e['subset'] in reward_subsets],
           test_examples,
+          reference_params if init_from_reference else None,
       ),
   )
-  reference_params = policy.as_jnp(policy.load_params(reference.directory))
   reward_params = policy.as_jnp(policy.load_params(reward.directory))
 
   identity = ctrl.table_identity(

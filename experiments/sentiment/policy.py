@@ -59,15 +59,12 @@ def lm_config(config: ml_collections.ConfigDict) -> models.TransformerConfig:
 def reward_config(
     config: ml_collections.ConfigDict,
 ) -> models.TransformerConfig:
-  """Shape of the reward model's trunk."""
-  return models.TransformerConfig(
-      vocab_size=TOKENIZER.vocab_size,
-      width=config.reward.width,
-      num_layers=config.reward.depth,
-      num_heads=config.reward.num_heads,
-      mlp_dim=config.reward.mlp_width,
-      max_len=max_len(config),
-  )
+  """Shape of the reward model's trunk: the reference LM's shape.
+
+  The trunk starts from the trained reference LM when
+  `config.reward.init_from_reference` is set, so the two must match.
+  """
+  return lm_config(config)
 
 
 def encode_prompts(

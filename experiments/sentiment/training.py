@@ -11,7 +11,7 @@ checkpoint reads exactly the batches it would have read.
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,42 +56,91 @@ def _mask(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   return np.arange(tokens.shape[1])[None, :] < lengths[:, None]
 
 
+class Trainer(NamedTuple):
+  """What a training stage needs besides its parameters.
+
+  Attributes:
+    train_step: pure `train_step(state, batch, frozen) -> (state, metrics)`.
+    optimizer: the optax transformation the step applies.
+    batch_fn: `batch_fn(position)` returns the batch that starts at data
+      position `position`.
+    batch_size: examples per batch; each step advances the position by it.
+  """
+
+  train_step: Callable[..., Any]
+  optimizer: optax.GradientTransformation
+  batch_fn: Callable[[int], Any]
+  batch_size: int
+
+
 def run_trainer(
     directory: epath.Path,
+    trainer: Trainer,
     *,
     init_params_fn: Callable[[jax.Array], Any],
     key: jax.Array,
-    train_step: Callable[..., Any],
-    optimizer: optax.GradientTransformation,
-    batch_fn: Callable[[int], Any],
-    batch_size: int,
     num_steps: int,
     config_json: str,
     checkpoint_every: int,
     frozen: Any = None,
     table_identity: Mapping[str, Any] | None = None,
 ) -> train.TrainState:
-  """Train to `num_steps` with `loop.run_training`, resuming a checkpoint.
-
-  `batch_fn(position)` returns the batch starting at data position
-  `position`; each step advances the position by `batch_size`.
-  """
+  """Train to `num_steps` with `loop.run_training`, resuming a checkpoint."""
   init_key, run_key = jax.random.split(key)
 
   def init_state_fn():
-    return train.init_train_state(init_params_fn(init_key), optimizer, run_key)
+    return train.init_train_state(
+        init_params_fn(init_key), trainer.optimizer, run_key
+    )
 
   return loop.run_training(
       workdir=directory,
-      train_step=jax.jit(train_step, donate_argnums=0),
+      train_step=jax.jit(trainer.train_step, donate_argnums=0),
       init_state_fn=init_state_fn,
-      batch_fn=lambda position: (batch_fn(position), position + batch_size),
+      batch_fn=lambda position: (
+          trainer.batch_fn(position),
+          position + trainer.batch_size,
+      ),
       num_steps=num_steps,
       config_json=config_json,
       frozen=frozen,
       table_identity=table_identity,
       save_every=checkpoint_every,
       log_every=max(num_steps // 20, 1),
+  )
+
+
+def _adamw(peak: float, warmup_steps: int, total_steps: int):
+  return optax.adamw(
+      policy.learning_rate_schedule(peak, warmup_steps, total_steps),
+      weight_decay=0.01,
+  )
+
+
+def make_lm_trainer(
+    config: ml_collections.ConfigDict, train_texts: Sequence[str]
+) -> Trainer:
+  """Build the reference LM's next-token step, optimizer and batches."""
+  shape = policy.lm_config(config)
+  tokens, lengths = encode_texts(train_texts, config)
+  mask = _mask(tokens, lengths)
+
+  def batch_fn(position):
+    rows = batch_indices(
+        len(tokens), config.lm.batch_size, position, config.seed
+    )
+    return {'tokens': tokens[rows], 'mask': mask[rows]}
+
+  optimizer = _adamw(
+      config.lm.learning_rate, config.lm.warmup_steps, config.lm.steps
+  )
+  return Trainer(
+      train_step=train.make_train_step(
+          supervised.make_lm_loss_fn(shape), optimizer
+      ),
+      optimizer=optimizer,
+      batch_fn=batch_fn,
+      batch_size=config.lm.batch_size,
   )
 
 
@@ -104,33 +153,13 @@ def train_reference_lm(
 ) -> dict[str, Any]:
   """Train the reference LM; report bits per byte and samples."""
   shape = policy.lm_config(config)
-  tokens, lengths = encode_texts(train_texts, config)
-  mask = _mask(tokens, lengths)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-  def batch_fn(position):
-    rows = batch_indices(
-        len(tokens), config.lm.batch_size, position, config.seed
-    )
-    return {'tokens': tokens[rows], 'mask': mask[rows]}
-
-  optimizer = optax.adamw(
-      policy.learning_rate_schedule(
-          config.lm.learning_rate, config.lm.warmup_steps, config.lm.steps
-      ),
-      weight_decay=0.01,
-  )
   logging.info('Stage reference_lm: %d steps.', config.lm.steps)
   state = run_trainer(
       directory,
+      make_lm_trainer(config, train_texts),
       init_params_fn=lambda key: models.init_lm(key, shape),
       key=key,
-      train_step=train.make_train_step(
-          supervised.make_lm_loss_fn(shape), optimizer
-      ),
-      optimizer=optimizer,
-      batch_fn=batch_fn,
-      batch_size=config.lm.batch_size,
       num_steps=config.lm.steps,
       config_json=json.dumps(config.to_dict(), sort_keys=True, default=str),
       checkpoint_every=config.lm.checkpoint_every,
@@ -201,13 +230,11 @@ def validation_bits_per_byte(
   return total / math.log(2) / num_bytes
 
 
-def train_reward_model(
-    directory: epath.Path,
+def make_reward_trainer(
     config: ml_collections.ConfigDict,
     train_examples: Sequence[dict[str, Any]],
-    test_examples: Sequence[dict[str, Any]],
-) -> dict[str, Any]:
-  """Train the reward model on ratings; report held-out pair accuracy."""
+) -> Trainer:
+  """Build the reward model's step, optimizer and batches."""
   shape = policy.reward_config(config)
   texts = [example['text'] for example in train_examples]
   tokens, lengths = encode_texts(texts, config)
@@ -215,8 +242,6 @@ def train_reward_model(
   ratings = np.asarray(
       [example['mean_rating'] for example in train_examples], np.float32
   )
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
-
   if config.reward.loss == 'regression':
     loss_fn = supervised.make_rating_regression_loss_fn(shape)
 
@@ -234,6 +259,8 @@ def train_reward_model(
     loss_fn = supervised.make_bradley_terry_loss_fn(shape)
 
     def batch_fn(position):
+      # Two independent orders pair the texts; the one rated higher on
+      # average is the chosen side.
       first = batch_indices(
           len(tokens), config.reward.batch_size, position, config.seed
       )
@@ -252,27 +279,55 @@ def train_reward_model(
 
   else:
     raise ValueError(
-        f"config.reward.loss must be 'regression' or 'bradley_terry', got "
+        "config.reward.loss must be 'regression' or 'bradley_terry', got "
         f'{config.reward.loss!r}.'
     )
-
-  optimizer = optax.adamw(
-      policy.learning_rate_schedule(
-          config.reward.learning_rate,
-          config.reward.warmup_steps,
-          config.reward.steps,
-      ),
-      weight_decay=0.01,
+  optimizer = _adamw(
+      config.reward.learning_rate,
+      config.reward.warmup_steps,
+      config.reward.steps,
   )
-  logging.info('Stage reward_model: %d steps.', config.reward.steps)
-  state = run_trainer(
-      directory,
-      init_params_fn=lambda key: models.init_reward_model(key, shape),
-      key=key,
+  return Trainer(
       train_step=train.make_train_step(loss_fn, optimizer),
       optimizer=optimizer,
       batch_fn=batch_fn,
       batch_size=config.reward.batch_size,
+  )
+
+
+def train_reward_model(
+    directory: epath.Path,
+    config: ml_collections.ConfigDict,
+    train_examples: Sequence[dict[str, Any]],
+    test_examples: Sequence[dict[str, Any]],
+    reference_params: Any | None,
+) -> dict[str, Any]:
+  """Train the reward model on ratings; report held-out pair accuracy.
+
+  Args:
+    directory: the stage's folder.
+    config: the experiment config.
+    train_examples: rated texts to fit.
+    test_examples: held-out rated texts; their movie reviews are paired.
+    reference_params: trained LM parameters that the trunk starts from, or
+      None for a fresh trunk.
+  """
+  shape = policy.reward_config(config)
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+
+  def init_params_fn(key):
+    trunk = None
+    if reference_params is not None:
+      # A copy, because the train step donates the state's buffers.
+      trunk = jax.tree.map(jnp.copy, reference_params)
+    return models.init_reward_model(key, shape, trunk_params=trunk)
+
+  logging.info('Stage reward_model: %d steps.', config.reward.steps)
+  state = run_trainer(
+      directory,
+      make_reward_trainer(config, train_examples),
+      init_params_fn=init_params_fn,
+      key=key,
       num_steps=config.reward.steps,
       config_json=json.dumps(config.to_dict(), sort_keys=True, default=str),
       checkpoint_every=config.reward.checkpoint_every,
