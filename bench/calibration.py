@@ -24,15 +24,11 @@ import platform
 import statistics
 import time
 
-from absl import app
-from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from infalign_jax import analysis
-from infalign_jax import calibration
-from infalign_jax import transforms
+from infalign_jax import analysis, calibration, transforms
 
 _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 4096, 'B, prompts.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 16, 'S, rewards per prompt.')
@@ -113,26 +109,28 @@ def _bench_calibration(num_reference: int) -> dict:
       _REPEATS.value,
   )
   default_seconds = library_seconds['flat']
-  result.update({
-      'library_queries_per_s': {
-          m: round(queries / s) for m, s in library_seconds.items()
-      },
-      'library_best_method': best_method,
-      'numpy_loop_queries_per_s': round(queries / numpy_seconds),
-      'pairwise_queries_per_s': round(queries / pairwise_seconds),
-      'speedup_vs_numpy_loop_default': round(
-          numpy_seconds / default_seconds, 2
-      ),
-      'speedup_vs_pairwise_default': round(
-          pairwise_seconds / default_seconds, 2
-      ),
-      'speedup_vs_numpy_loop_best': round(
-          numpy_seconds / library_seconds[best_method], 2
-      ),
-      'speedup_vs_pairwise_best': round(
-          pairwise_seconds / library_seconds[best_method], 2
-      ),
-  })
+  result.update(
+      {
+          'library_queries_per_s': {
+              m: round(queries / s) for m, s in library_seconds.items()
+          },
+          'library_best_method': best_method,
+          'numpy_loop_queries_per_s': round(queries / numpy_seconds),
+          'pairwise_queries_per_s': round(queries / pairwise_seconds),
+          'speedup_vs_numpy_loop_default': round(
+              numpy_seconds / default_seconds, 2
+          ),
+          'speedup_vs_pairwise_default': round(
+              pairwise_seconds / default_seconds, 2
+          ),
+          'speedup_vs_numpy_loop_best': round(
+              numpy_seconds / library_seconds[best_method], 2
+          ),
+          'speedup_vs_pairwise_best': round(
+              pairwise_seconds / library_seconds[best_method], 2
+          ),
+      }
+  )
   return result
 
 
@@ -175,9 +173,7 @@ def main(argv):
       'B': _NUM_PROMPTS.value,
       'S': _NUM_SAMPLES.value,
       'repeats': _REPEATS.value,
-      'calibration': [
-          _bench_calibration(int(m)) for m in _NUM_REFERENCE.value
-      ],
+      'calibration': [_bench_calibration(int(m)) for m in _NUM_REFERENCE.value],
       'tradeoff_sweep': _bench_sweep(),
   }
   print(json.dumps(report, indent=2))

@@ -24,18 +24,20 @@ import os
 import time
 from typing import Any
 
+import matplotlib
 from absl import logging
 from etils import epath
-import matplotlib
 
 matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
 
 from experiments import common  # noqa: E402
-from infalign_jax import analysis  # noqa: E402
-from infalign_jax import transforms  # noqa: E402
+from infalign_jax import (
+    analysis,  # noqa: E402
+    transforms,  # noqa: E402
+)
 
 _PROCEDURE_TITLES = {
     'bon': 'best-of-N',
@@ -122,17 +124,20 @@ def _curves(config) -> list[dict[str, Any]]:
           continue  # The standard curve does not depend on N.
         wins = predicted[f'win_rate_{procedure}']
         for beta, kl, win in zip(betas, predicted['kl'], wins, strict=True):
-          rows.append({
-              'procedure': procedure,
-              'n': 1 if procedure == 'standard' else n,
-              'method': method,
-              't': t,
-              'beta': float(beta),
-              'kl': float(kl),
-              'win_rate': float(win),
-          })
+          rows.append(
+              {
+                  'procedure': procedure,
+                  'n': 1 if procedure == 'standard' else n,
+                  'method': method,
+                  't': t,
+                  'beta': float(beta),
+                  'kl': float(kl),
+                  'win_rate': float(win),
+              }
+          )
   betas = np.geomspace(
-      config.optimal_beta_min, config.optimal_beta_max,
+      config.optimal_beta_min,
+      config.optimal_beta_max,
       config.num_optimal_betas,
   )
   for procedure in config.procedures:
@@ -143,15 +148,17 @@ def _curves(config) -> list[dict[str, Any]]:
         )
         if not solution.converged:
           continue
-        rows.append({
-            'procedure': procedure,
-            'n': n,
-            'method': 'optimal',
-            't': math.nan,
-            'beta': float(beta),
-            'kl': solution.kl,
-            'win_rate': solution.win_rate,
-        })
+        rows.append(
+            {
+                'procedure': procedure,
+                'n': n,
+                'method': 'optimal',
+                't': math.nan,
+                'beta': float(beta),
+                'kl': solution.kl,
+                'win_rate': solution.win_rate,
+            }
+        )
   return rows
 
 
@@ -162,7 +169,10 @@ def _chosen_t(config) -> list[dict[str, Any]]:
     for n in config.ns:
       for budget in config.kl_budgets:
         chosen = analysis.choose_t_details(
-            procedure, n, budget, t_range=tuple(config.t_range),
+            procedure,
+            n,
+            budget,
+            t_range=tuple(config.t_range),
             num_points=config.num_points,
         )
         beta = analysis.beta_for_kl(
@@ -171,12 +181,18 @@ def _chosen_t(config) -> list[dict[str, Any]]:
         chosen['win_rate_identity'] = analysis.win_rate(
             identity, beta, procedure, n, num_points=config.num_points
         )
-        rows.append({'procedure': procedure, 'n': n, 'kl_budget': budget,
-                     **chosen})
+        rows.append(
+            {'procedure': procedure, 'n': n, 'kl_budget': budget, **chosen}
+        )
         logging.info(
             '%s N=%d KL=%g: t=%.3g beta=%.3g win rate %.4f (identity %.4f)',
-            procedure, n, budget, chosen['t'], chosen['beta'],
-            chosen['win_rate'], chosen['win_rate_identity'],
+            procedure,
+            n,
+            budget,
+            chosen['t'],
+            chosen['beta'],
+            chosen['win_rate'],
+            chosen['win_rate_identity'],
         )
   return rows
 
@@ -184,15 +200,24 @@ def _chosen_t(config) -> list[dict[str, Any]]:
 def _bon_points(config) -> list[dict[str, Any]]:
   points = []
   for n in config.ns:
-    predicted = analysis.predict('log', 1.0 / (n - 1), n,
-                                 num_points=config.num_points) if n > 1 else None
-    points.append({
-        'n': n,
-        'kl': math.log(n) - (n - 1) / n,
-        'win_rate_standard': n / (n + 1),
-        'win_rate_bon': None if predicted is None else predicted['win_rate_bon'],
-        'win_rate_won': None if predicted is None else predicted['win_rate_won'],
-    })
+    predicted = (
+        analysis.predict('log', 1.0 / (n - 1), n, num_points=config.num_points)
+        if n > 1
+        else None
+    )
+    points.append(
+        {
+            'n': n,
+            'kl': math.log(n) - (n - 1) / n,
+            'win_rate_standard': n / (n + 1),
+            'win_rate_bon': None
+            if predicted is None
+            else predicted['win_rate_bon'],
+            'win_rate_won': None
+            if predicted is None
+            else predicted['win_rate_won'],
+        }
+    )
   return points
 
 
@@ -224,30 +249,43 @@ def _plot_panel(panel, rows, chosen, bon_points, procedure, n, config):
   methods = list(dict.fromkeys(r['method'] for r in rows))
   for method in methods:
     selected = [
-        r for r in rows
-        if r['procedure'] == procedure and r['n'] == n
-        and r['method'] == method and r['kl'] <= config.kl_max
+        r
+        for r in rows
+        if r['procedure'] == procedure
+        and r['n'] == n
+        and r['method'] == method
+        and r['kl'] <= config.kl_max
     ]
     if not selected:
       continue
     selected.sort(key=lambda r: r['kl'])
     panel.plot(
-        [r['kl'] for r in selected], [r['win_rate'] for r in selected],
-        label=_label(method), **_style(method),
+        [r['kl'] for r in selected],
+        [r['win_rate'] for r in selected],
+        label=_label(method),
+        **_style(method),
     )
 
   picks = [c for c in chosen if c['procedure'] == procedure and c['n'] == n]
   if picks:
     panel.scatter(
-        [c['kl_budget'] for c in picks], [c['win_rate'] for c in picks],
-        marker='D', s=30, color='tab:green', zorder=6,
+        [c['kl_budget'] for c in picks],
+        [c['win_rate'] for c in picks],
+        marker='D',
+        s=30,
+        color='tab:green',
+        zorder=6,
         label='chosen t per KL budget',
     )
   point = next(p for p in bon_points if p['n'] == n)
   if point[f'win_rate_{procedure}'] is not None:
     panel.scatter(
-        [point['kl']], [point[f'win_rate_{procedure}']], marker='*', s=140,
-        color='tab:orange', zorder=7,
+        [point['kl']],
+        [point[f'win_rate_{procedure}']],
+        marker='*',
+        s=140,
+        color='tab:orange',
+        zorder=7,
         label='best-of-N policy (log transform, beta = 1/(N-1))',
     )
 
@@ -263,18 +301,24 @@ def _plot_procedure(rows, chosen, bon_points, procedure, config, path) -> None:
   columns = min(len(ns), 2)
   rows_of_panels = math.ceil(len(ns) / columns)
   figure, axes = plt.subplots(
-      rows_of_panels, columns, figsize=(6.2 * columns, 4.6 * rows_of_panels),
+      rows_of_panels,
+      columns,
+      figsize=(6.2 * columns, 4.6 * rows_of_panels),
       squeeze=False,
   )
-  for panel, n in zip(axes.flat, ns):
+  for panel, n in zip(axes.flat, ns, strict=False):
     _plot_panel(panel, rows, chosen, bon_points, procedure, n, config)
 
-  for panel in list(axes.flat)[len(ns):]:
+  for panel in list(axes.flat)[len(ns) :]:
     panel.set_visible(False)
   handles, labels = axes.flat[0].get_legend_handles_labels()
   figure.legend(
-      handles, labels, loc='lower center', ncol=min(len(labels), 6),
-      fontsize=8, frameon=False,
+      handles,
+      labels,
+      loc='lower center',
+      ncol=min(len(labels), 6),
+      fontsize=8,
+      frameon=False,
   )
   figure.suptitle(
       f'Calibrated-space trade-off: {_PROCEDURE_TITLES[procedure]} win rate '
@@ -289,25 +333,39 @@ def _plot_standard(rows, bon_points, config, path) -> None:
   methods = list(dict.fromkeys(r['method'] for r in rows))
   for method in methods:
     selected = sorted(
-        (r for r in rows
-         if r['procedure'] == 'standard' and r['method'] == method
-         and r['kl'] <= config.kl_max),
+        (
+            r
+            for r in rows
+            if r['procedure'] == 'standard'
+            and r['method'] == method
+            and r['kl'] <= config.kl_max
+        ),
         key=lambda r: r['kl'],
     )
     if selected:
       panel.plot(
-          [r['kl'] for r in selected], [r['win_rate'] for r in selected],
-          label=_label(method), **_style(method),
+          [r['kl'] for r in selected],
+          [r['win_rate'] for r in selected],
+          label=_label(method),
+          **_style(method),
       )
   panel.scatter(
-      [p['kl'] for p in bon_points], [p['win_rate_standard'] for p in
-                                      bon_points],
-      marker='*', s=140, color='tab:orange', zorder=7,
+      [p['kl'] for p in bon_points],
+      [p['win_rate_standard'] for p in bon_points],
+      marker='*',
+      s=140,
+      color='tab:orange',
+      zorder=7,
       label='best-of-N policies: (log N - (N-1)/N, N/(N+1))',
   )
   for p in bon_points:
-    panel.annotate(f'N={p["n"]}', (p['kl'], p['win_rate_standard']),
-                   textcoords='offset points', xytext=(5, -12), fontsize=8)
+    panel.annotate(
+        f'N={p["n"]}',
+        (p['kl'], p['win_rate_standard']),
+        textcoords='offset points',
+        xytext=(5, -12),
+        fontsize=8,
+    )
   panel.set_xlabel('KL(pi || pi_ref) [nats]')
   panel.set_ylabel('standard win rate W_1')
   panel.set_xlim(0.0, config.kl_max)

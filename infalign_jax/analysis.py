@@ -37,16 +37,16 @@ References:
   transform as a fixed point, choosing t for exponential transforms).
 """
 
-from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from infalign_jax import base
 from infalign_jax import transforms as transforms_lib
@@ -361,9 +361,9 @@ def win_rate(
   Raises:
     ValueError: beta <= 0, an invalid procedure or n, or Phi not finite.
   """
-  return win_rate_and_kl(
-      transform, beta, procedure, n, num_points=num_points
-  )[0]
+  return win_rate_and_kl(transform, beta, procedure, n, num_points=num_points)[
+      0
+  ]
 
 
 def win_rate_and_kl(
@@ -643,9 +643,11 @@ def choose_t_details(
   """
   kind, n_value = _procedure_kind(procedure, n)
   if family is None:
-    family = _DEFAULT_FAMILY.get(procedure, 'exp') if isinstance(
-        procedure, str
-    ) else 'exp'
+    family = (
+        _DEFAULT_FAMILY.get(procedure, 'exp')
+        if isinstance(procedure, str)
+        else 'exp'
+    )
   base.check_choice('family', family, ('exp', 'neg_exp'))
   base.check_positive('kl_budget', kl_budget)
   base.check_positive('t_range', t_range)
@@ -764,9 +766,7 @@ def _marginal_gain(
 @functools.partial(
     jax.jit, static_argnames=('kind', 'num_points', 'max_iterations')
 )
-def _fixed_point(
-    beta, damping, tol, n, *, kind, num_points, max_iterations
-):
+def _fixed_point(beta, damping, tol, n, *, kind, num_points, max_iterations):
   """Iterate log q <- (1 - a) log q + a log normalize(exp(R(q) / beta)).
 
   The step a starts at `damping`, halves whenever the residual grows and
@@ -873,7 +873,11 @@ def solve_optimal(
         'Optimal transform for procedure=%r n=%d beta=%g did not converge in '
         '%d iterations (last relative change %.3g); lower damping or raise '
         'max_iterations.',
-        procedure, n, beta, int(iterations), float(change),
+        procedure,
+        n,
+        beta,
+        int(iterations),
+        float(change),
     )
   return OptimalSolution(
       u=u,

@@ -7,8 +7,8 @@ values are unknown, and the check is skipped. Each function that skips a check
 under tracing documents what it computes for non-finite input.
 """
 
-from collections.abc import Sequence
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,9 +103,7 @@ def check_int_at_least(name: str, value, minimum: int) -> None:
       or not isinstance(value, numbers.Integral)
       or value < minimum
   ):
-    raise ValueError(
-        f'{name} must be an integer >= {minimum}, got {value!r}.'
-    )
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> None:

@@ -19,13 +19,13 @@ References:
   alignment", ICML 2025, arXiv:2412.19792 (calibrated reward, CTRL step 1).
 """
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -232,9 +232,7 @@ def leave_one_out_calibrated_rewards(
   dtype = _float_dtype(ref_rewards)
   sorted_rows = jnp.sort(ref_rewards, axis=-1)
   below, below_or_equal = _rank_counts(ref_rewards, sorted_rows, method)
-  return (below + below_or_equal - 1).astype(dtype) / (
-      2 * (num_reference - 1)
-  )
+  return (below + below_or_equal - 1).astype(dtype) / (2 * (num_reference - 1))
 
 
 def prompts_fingerprint(prompts: Sequence[str | bytes]) -> str:
@@ -436,7 +434,9 @@ class CalibrationTable:
       raise FileExistsError(
           f'{target} exists; pass overwrite=True to replace that table.'
       )
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=parent)
+    tmp = tempfile.mkdtemp(
+        prefix=f'.{os.path.basename(target)}.tmp-', dir=parent
+    )
     try:
       np.save(os.path.join(tmp, _ROWS_FILE), self.sorted_rewards)
       np.save(os.path.join(tmp, _IDS_FILE), self.prompt_ids)

@@ -15,9 +15,9 @@ References:
   transforms for best-of-N and worst-of-N).
 """
 
-from collections.abc import Callable, Mapping
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax

@@ -2,13 +2,11 @@
 
 import math
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import jax
 import numpy as np
+from absl.testing import absltest, parameterized
 
-from infalign_jax import analysis
-from infalign_jax import transforms
+from infalign_jax import analysis, transforms
 
 # Small grid for tests that compare methods with each other rather than with
 # closed forms; it keeps compilation and iteration fast.
@@ -26,9 +24,15 @@ def _identity_closed_form(lam):
 def _simpson(values, x):
   """Composite Simpson rule on an odd number of equally spaced points."""
   h = x[1] - x[0]
-  return h / 3 * (
-      values[0] + values[-1] + 4 * values[1:-1:2].sum()
-      + 2 * values[2:-1:2].sum()
+  return (
+      h
+      / 3
+      * (
+          values[0]
+          + values[-1]
+          + 4 * values[1:-1:2].sum()
+          + 2 * values[2:-1:2].sum()
+      )
   )
 
 
@@ -116,8 +120,9 @@ class StabilityTest(parameterized.TestCase):
       )
 
   def test_spike_kl_saturates_at_grid(self):
-    kl = analysis.kl(transforms.make_transform('exp', t=200.0), 1e-3,
-                     num_points=_SMALL)
+    kl = analysis.kl(
+        transforms.make_transform('exp', t=200.0), 1e-3, num_points=_SMALL
+    )
     self.assertAlmostEqual(kl, math.log(2 * (_SMALL - 1)), delta=1e-9)
 
   def test_identity_small_beta(self):
@@ -131,12 +136,18 @@ class CurvesTest(parameterized.TestCase):
   def test_vector_beta_matches_scalar(self):
     betas = np.array([0.05, 0.3, 2.0])
     curve = analysis.tradeoff_curve(
-        transforms.make_transform('exp', t=4.0), betas, 'bon', 4,
+        transforms.make_transform('exp', t=4.0),
+        betas,
+        'bon',
+        4,
         num_points=_SMALL,
     )
     for i, beta in enumerate(betas):
       win, kl = analysis.win_rate_and_kl(
-          transforms.make_transform('exp', t=4.0), float(beta), 'bon', 4,
+          transforms.make_transform('exp', t=4.0),
+          float(beta),
+          'bon',
+          4,
           num_points=_SMALL,
       )
       self.assertAlmostEqual(curve['win_rate'][i], win, delta=1e-12)
@@ -151,7 +162,10 @@ class CurvesTest(parameterized.TestCase):
 
   def test_user_procedure_matches_named(self):
     transform = transforms.make_transform('exp', t=2.0)
-    for name, g in (('bon', lambda f: f**4), ('won', lambda f: 1 - (1 - f)**4)):
+    for name, g in (
+        ('bon', lambda f: f**4),
+        ('won', lambda f: 1 - (1 - f) ** 4),
+    ):
       named = analysis.win_rate(transform, 0.3, name, 4, num_points=_SMALL)
       custom = analysis.win_rate(transform, 0.3, g, num_points=_SMALL)
       self.assertAlmostEqual(named, custom, delta=1e-12)
@@ -161,8 +175,9 @@ class BetaForKlTest(parameterized.TestCase):
 
   def test_identity_closed_form(self):
     kl, _ = _identity_closed_form(5.0)
-    self.assertAlmostEqual(analysis.beta_for_kl('identity', kl), 0.2,
-                           delta=1e-5)
+    self.assertAlmostEqual(
+        analysis.beta_for_kl('identity', kl), 0.2, delta=1e-5
+    )
 
   @parameterized.parameters(('exp', 1.0), ('exp', 50.0), ('neg_exp', 20.0))
   def test_round_trip(self, name, t):
@@ -179,7 +194,8 @@ class BetaForKlTest(parameterized.TestCase):
     # neg_exp with large t is bounded on [0, 1] and flattens out.
     with self.assertRaisesRegex(ValueError, 'cannot reach KL'):
       analysis.beta_for_kl(
-          transforms.make_transform('neg_exp', t=200.0), 6.0,
+          transforms.make_transform('neg_exp', t=200.0),
+          6.0,
           num_points=_SMALL,
       )
 
@@ -194,7 +210,8 @@ class ChooseTTest(parameterized.TestCase):
     self.assertBetween(chosen['t'], 0.1, 200.0)
     self.assertAlmostEqual(
         analysis.kl(
-            transforms.make_transform(family, t=chosen['t']), chosen['beta'],
+            transforms.make_transform(family, t=chosen['t']),
+            chosen['beta'],
             num_points=_SMALL,
         ),
         budget,
@@ -212,8 +229,7 @@ class ChooseTTest(parameterized.TestCase):
         # neg_exp with large t is bounded and cannot reach every KL.
         self.assertIn('cannot reach KL', str(error))
         continue
-      win = analysis.win_rate(transform, beta, procedure, 4,
-                              num_points=_SMALL)
+      win = analysis.win_rate(transform, beta, procedure, 4, num_points=_SMALL)
       self.assertGreaterEqual(chosen['win_rate'], win - 1e-9, f't={t}')
 
   def test_family_formulas_match_transforms(self):
@@ -254,20 +270,25 @@ class OptimalTransformTest(parameterized.TestCase):
     np.testing.assert_allclose(
         solution.transform_values, closed, atol=4.0 * n**2 / (_SMALL - 1)
     )
-    u_grid, values = analysis.optimal_transform('bon', n, 0.2,
-                                                num_points=_SMALL)
+    u_grid, values = analysis.optimal_transform(
+        'bon', n, 0.2, num_points=_SMALL
+    )
     np.testing.assert_array_equal(u_grid, u)
     np.testing.assert_array_equal(values, solution.transform_values)
 
-  @parameterized.parameters(('bon', 0.05), ('bon', 0.3), ('won', 0.05),
-                            ('won', 0.3))
+  @parameterized.parameters(
+      ('bon', 0.05), ('bon', 0.3), ('won', 0.05), ('won', 0.3)
+  )
   def test_beats_exponential_transforms(self, procedure, beta):
     solution = analysis.solve_optimal(procedure, 4, beta, num_points=_SMALL)
     self.assertTrue(solution.converged)
     for family in ('exp', 'neg_exp'):
       for t in np.geomspace(0.1, 200.0, 25):
         win, kl = analysis.win_rate_and_kl(
-            transforms.make_transform(family, t=float(t)), beta, procedure, 4,
+            transforms.make_transform(family, t=float(t)),
+            beta,
+            procedure,
+            4,
             num_points=_SMALL,
         )
         self.assertGreater(
@@ -279,8 +300,9 @@ class OptimalTransformTest(parameterized.TestCase):
     optimum = transforms.make_transform(
         'interpolated', u=solution.u, values=solution.transform_values
     )
-    win, kl = analysis.win_rate_and_kl(optimum, 0.3, 'won', 4,
-                                       num_points=_SMALL)
+    win, kl = analysis.win_rate_and_kl(
+        optimum, 0.3, 'won', 4, num_points=_SMALL
+    )
     self.assertAlmostEqual(win, solution.win_rate, delta=1e-6)
     self.assertAlmostEqual(kl, solution.kl, delta=1e-6)
 
@@ -303,24 +325,51 @@ class BadInputTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ('beta_zero', lambda: analysis.kl('identity', 0.0), 'beta must be'),
-      ('beta_negative', lambda: analysis.win_rate('identity', -1.0),
-       'beta must be'),
-      ('n_zero', lambda: analysis.win_rate('identity', 1.0, 'bon', 0),
-       'n must be an integer >= 1'),
-      ('procedure', lambda: analysis.win_rate('identity', 1.0, 'best'),
-       "Unknown procedure 'best'"),
-      ('standard_n', lambda: analysis.win_rate('identity', 1.0, 'standard', 4),
-       'n must be 1'),
-      ('overflow', lambda: analysis.kl(
-          transforms.make_transform('exp', t=800.0), 1.0), 'not finite'),
-      ('bad_map', lambda: analysis.win_rate('identity', 1.0, lambda f: 2 * f),
-       'g\\(1\\) = 1'),
-      ('transform_name', lambda: analysis.kl('square', 1.0),
-       "Unknown transform 'square'"),
-      ('optimal_beta', lambda: analysis.optimal_transform('bon', 4, 0.0),
-       'beta must be'),
-      ('damping', lambda: analysis.solve_optimal('bon', 4, 1.0, damping=0.0),
-       'damping must be'),
+      (
+          'beta_negative',
+          lambda: analysis.win_rate('identity', -1.0),
+          'beta must be',
+      ),
+      (
+          'n_zero',
+          lambda: analysis.win_rate('identity', 1.0, 'bon', 0),
+          'n must be an integer >= 1',
+      ),
+      (
+          'procedure',
+          lambda: analysis.win_rate('identity', 1.0, 'best'),
+          "Unknown procedure 'best'",
+      ),
+      (
+          'standard_n',
+          lambda: analysis.win_rate('identity', 1.0, 'standard', 4),
+          'n must be 1',
+      ),
+      (
+          'overflow',
+          lambda: analysis.kl(transforms.make_transform('exp', t=800.0), 1.0),
+          'not finite',
+      ),
+      (
+          'bad_map',
+          lambda: analysis.win_rate('identity', 1.0, lambda f: 2 * f),
+          'g\\(1\\) = 1',
+      ),
+      (
+          'transform_name',
+          lambda: analysis.kl('square', 1.0),
+          "Unknown transform 'square'",
+      ),
+      (
+          'optimal_beta',
+          lambda: analysis.optimal_transform('bon', 4, 0.0),
+          'beta must be',
+      ),
+      (
+          'damping',
+          lambda: analysis.solve_optimal('bon', 4, 1.0, damping=0.0),
+          'damping must be',
+      ),
   )
   def test_raises(self, call, message):
     with self.assertRaisesRegex(ValueError, message):

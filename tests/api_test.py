@@ -3,15 +3,10 @@
 import inspect
 import types
 
-from absl.testing import absltest
-from absl.testing import parameterized
+from absl.testing import absltest, parameterized
 
 import infalign_jax
-from infalign_jax import analysis
-from infalign_jax import base
-from infalign_jax import calibration
-from infalign_jax import procedures
-from infalign_jax import transforms
+from infalign_jax import analysis, base, calibration, procedures, transforms
 
 _MODULES = (infalign_jax, analysis, base, calibration, procedures, transforms)
 
@@ -24,9 +19,7 @@ class PublicApiTest(parameterized.TestCase):
     for name in module.__all__:
       self.assertTrue(hasattr(module, name), f'{module.__name__}.{name}')
       value = getattr(module, name)
-      is_constant = not (
-          callable(value) or isinstance(value, types.ModuleType)
-      )
+      is_constant = not (callable(value) or isinstance(value, types.ModuleType))
       if is_constant:
         continue
       self.assertTrue(

@@ -4,14 +4,13 @@ import functools
 import os
 import tempfile
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import hypothesis
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl.testing import absltest, parameterized
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from infalign_jax import calibration
 
@@ -122,9 +121,9 @@ class CalibratedRewardsTest(parameterized.TestCase):
   def test_gradient_is_zero(self):
     # Piecewise constant in the rewards: the gradient exists and is 0.
     ref = jnp.array([[0.0, 1.0, 2.0]])
-    grad = jax.grad(
-        lambda r: calibration.calibrated_rewards(r, ref).sum()
-    )(jnp.array([[0.5, 1.5]]))
+    grad = jax.grad(lambda r: calibration.calibrated_rewards(r, ref).sum())(
+        jnp.array([[0.5, 1.5]])
+    )
     np.testing.assert_array_equal(grad, np.zeros((1, 2)))
 
   def test_jit_non_finite_behaviour(self):
@@ -158,6 +157,7 @@ class CalibratedRewardsTest(parameterized.TestCase):
     self.assertTrue(np.all(got >= 0.0))
     self.assertTrue(np.all(got <= 1.0))
     np.testing.assert_allclose(got, _brute_force(rewards, ref), atol=1e-7)
+
     # Invariant under a strictly increasing map of all rewards.
     def increasing(x):
       return np.exp(0.3 * x) * 2.0 - 7.0
@@ -302,8 +302,10 @@ class CalibrationTableTest(parameterized.TestCase):
   def test_corrupt_table_detected(self):
     directory = os.path.join(self._tempdir(), 'table')
     self.table.save(directory)
-    np.save(os.path.join(directory, 'sorted_rewards.npy'),
-            np.zeros((3, 2), np.float32))
+    np.save(
+        os.path.join(directory, 'sorted_rewards.npy'),
+        np.zeros((3, 2), np.float32),
+    )
     with self.assertRaisesRegex(ValueError, 'corrupt'):
       calibration.CalibrationTable.load(directory)
 

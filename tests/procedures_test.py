@@ -3,14 +3,13 @@
 import functools
 import itertools
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import hypothesis
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl.testing import absltest, parameterized
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from infalign_jax import procedures
 
@@ -154,16 +153,20 @@ class WinRateTest(parameterized.TestCase):
     ref = rng.uniform(size=(200, 64))
     policy = rng.uniform(size=(200, 64, 4)).max(-1)
     estimate, standard_error = procedures.win_rate(policy, ref, 'bon', 2)
-    self.assertAlmostEqual(float(estimate), 0.8, delta=4 * float(standard_error))
+    self.assertAlmostEqual(
+        float(estimate), 0.8, delta=4 * float(standard_error)
+    )
     self.assertLess(float(standard_error), 0.01)
 
   # Few distinct shapes, so that eager dispatch compiles only a few times.
   @hypothesis.settings(max_examples=25, deadline=None)
   @hypothesis.given(
-      policy=hnp.arrays(np.float32, (2, 5), elements=st.integers(-3, 3).map(
-          float)),
-      ref=hnp.arrays(np.float32, (2, 4), elements=st.integers(-3, 3).map(
-          float)),
+      policy=hnp.arrays(
+          np.float32, (2, 5), elements=st.integers(-3, 3).map(float)
+      ),
+      ref=hnp.arrays(
+          np.float32, (2, 4), elements=st.integers(-3, 3).map(float)
+      ),
       procedure_and_n=st.sampled_from(
           [('standard', 1), ('bon', 2), ('won', 3), ('bon', 4)]
       ),

@@ -6,11 +6,10 @@ import math
 import os
 import tempfile
 
-from absl.testing import absltest
 import jax
+from absl.testing import absltest
 
-from experiments import common
-from experiments import theory
+from experiments import common, theory
 from experiments.configs import theory as theory_config
 
 
@@ -45,9 +44,16 @@ class TheoryExperimentTest(absltest.TestCase):
     for path in summary['outputs'].values():
       self.assertTrue(os.path.getsize(path) > 0, path)
     expected_files = {
-        'curves.csv', 'curves.json', 'chosen_t.csv', 'chosen_t.json',
-        'bon_points.json', 'tradeoff_standard.png', 'tradeoff_bon.png',
-        'tradeoff_won.png', 'config.json', 'summary.json',
+        'curves.csv',
+        'curves.json',
+        'chosen_t.csv',
+        'chosen_t.json',
+        'bon_points.json',
+        'tradeoff_standard.png',
+        'tradeoff_bon.png',
+        'tradeoff_won.png',
+        'config.json',
+        'summary.json',
     }
     self.assertEqual(set(os.listdir(workdir)), expected_files)
 

@@ -1,13 +1,12 @@
 """Tests for infalign_jax.transforms."""
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import hypothesis
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
-from jax import test_util as jtu
 import numpy as np
+from absl.testing import absltest, parameterized
+from hypothesis import strategies as st
+from jax import test_util as jtu
 
 from infalign_jax import transforms
 
@@ -112,15 +111,17 @@ class MakeTransformTest(parameterized.TestCase):
 
   @hypothesis.settings(max_examples=40, deadline=None)
   @hypothesis.given(
-      name_and_params=st.sampled_from([
-          ('identity', {}),
-          ('log', {}),
-          ('exp', {'t': 0.5}),
-          ('exp', {'t': 20.0}),
-          ('exp', {'t': 200.0, 'normalize': True}),
-          ('neg_exp', {'t': 0.5}),
-          ('neg_exp', {'t': 50.0}),
-      ]),
+      name_and_params=st.sampled_from(
+          [
+              ('identity', {}),
+              ('log', {}),
+              ('exp', {'t': 0.5}),
+              ('exp', {'t': 20.0}),
+              ('exp', {'t': 200.0, 'normalize': True}),
+              ('neg_exp', {'t': 0.5}),
+              ('neg_exp', {'t': 50.0}),
+          ]
+      ),
       a=st.floats(1e-3, 1.0),
       b=st.floats(1e-3, 1.0),
   )
