@@ -80,6 +80,16 @@ class CalibratedRewardsTest(parameterized.TestCase):
     )
     np.testing.assert_allclose(got, _brute_force(rewards, ref), atol=1e-7)
 
+  def test_blocked_rows_with_padding(self):
+    # M = 4096 puts 16 rows in a block, so 37 rows need 3 blocks and padding.
+    rng = np.random.default_rng(5)
+    ref = rng.integers(0, 50, size=(37, 4096)).astype(np.float32)
+    rewards = rng.integers(-2, 52, size=(37, 5)).astype(np.float32)
+    got = jax.jit(calibration.calibrated_rewards)(
+        rewards, calibration.sort_reference_rewards(ref)
+    )
+    np.testing.assert_allclose(got, _brute_force(rewards, ref), atol=1e-7)
+
   def test_single_reference_sample(self):
     got = calibration.calibrated_rewards(
         np.array([[0.0, 1.0, 2.0]]), np.array([[1.0]])
