@@ -288,8 +288,13 @@ def smoke_run(tmp_path_factory, compile_cache):
 def test_smoke_end_to_end(smoke_run):
   workdir, seconds, log = smoke_run
   config = sentiment_config.get_config('smoke')
-  assert seconds < 120
+  del seconds  # Wall time depends on what else runs on the machine.
   summary = json.loads((workdir / 'summary.json').read_text())
+  # The budget is 2 minutes on 2 cores. CPU time summed over stages and
+  # threads stays steady on a busy machine, and with 2 cores busy the wall
+  # time of an idle machine is at most about that sum.
+  cpu_seconds = sum(s['cpu'] for s in summary['stage_seconds'].values())
+  assert cpu_seconds < 120
   assert summary['experiment'] == 'sentiment'
   assert len(summary['final_params_sha256']) == 64
   assert 'report/report.md' in log
@@ -444,6 +449,9 @@ def _two_steps(trainer, params, frozen=None):
   return history
 
 
+# NOTE: about 3 minutes on a busy 2-core CPU, most of it compiling the
+# width-512, 8-layer model; hence `make test-slow` only.
+@pytest.mark.slow
 def test_large_config_trainers_run_two_steps():
   from experiments.sentiment import (
       ctrl,  # pylint: disable=g-import-not-at-top
@@ -482,20 +490,9 @@ def test_large_config_trainers_run_two_steps():
       reward_scale=1.0,
   )
 
-  # Most XLA passes off: compiling the large model takes far less time, and
-  # this test checks shapes and finiteness, not speed.
-  optimizations_were_disabled = jax.config.values[
-      'jax_disable_most_optimizations'
-  ]
-  jax.config.update('jax_disable_most_optimizations', True)
-  try:
-    _run_large_trainers(
-        lm_trainer, reward_trainer, policy_trainer, lm_params, reward_params
-    )
-  finally:
-    jax.config.update(
-        'jax_disable_most_optimizations', optimizations_were_disabled
-    )
+  _run_large_trainers(
+      lm_trainer, reward_trainer, policy_trainer, lm_params, reward_params
+  )
 
 
 def _run_large_trainers(

@@ -2,11 +2,13 @@
 
 Each method's measured curve is its evaluated runs sorted by KL, starting at
 the reference policy itself (KL 0, every win rate 1/2, standard error 0),
-which is the limit of every method as beta grows. Methods are compared at
-matched KL by linear interpolation along the other method's curve: at each
-KL the challenger was measured at inside the baseline's measured KL range,
-the baseline's win rate and its standard error are interpolated linearly
-between its two neighbouring points, and the difference is divided by
+which is the limit of every method as beta grows.
+
+Methods are compared at matched KL by linear interpolation along the
+baseline's curve. The comparison takes each KL at which the challenger was
+measured, if it lies inside the baseline's measured KL range. There the
+baseline's win rate and standard error are interpolated linearly between its
+two neighbouring points, and the difference is divided by
 sqrt(se_challenger^2 + se_baseline^2). The KL estimates' own standard errors
 are left out of that ratio.
 """

@@ -2,7 +2,7 @@
 
 Notation: B texts per batch, T tokens.
 
-Both trainers read their batches by position: batch k holds the examples at
+Both trainers read their batches by position: batch k contains the examples at
 positions k * B .. k * B + B - 1 of a fixed seeded permutation, repeated as
 needed. The train state stores the position, so a run resumed from a
 checkpoint reads exactly the batches it would have read.
