@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _default_config() -> ml_collections.ConfigDict:
-  """The CPU config: end to end in about 20 minutes on 2 cores."""
+  """Build the CPU config: end to end in about 20 minutes on 2 cores."""
   config = ml_collections.ConfigDict()
   # Module in experiments/ that runs this config.
   config.experiment = 'sentiment'

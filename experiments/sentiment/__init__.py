@@ -8,6 +8,6 @@ def run(config, workdir):
   """Run or resume the pipeline; see `experiments.sentiment.pipeline.run`."""
   # Imported here so the pure helpers (prompts, report, stages) import
   # without the training stack.
-  from experiments.sentiment import pipeline  # pylint: disable=g-import-not-at-top
+  from experiments.sentiment import pipeline  # noqa: PLC0415
 
   return pipeline.run(config, workdir)

@@ -70,7 +70,7 @@ def reward_config(
 def encode_prompts(
     prompts: Sequence[str], config: ml_collections.ConfigDict
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Return [B, P] right-padded prompt tokens (BOS, bytes) and [B] lengths."""
+  """Encode prompts as [B, P] right-padded tokens and [B] lengths."""
   return TOKENIZER.encode_batch(
       list(prompts),
       max_length=prompt_length(config),
@@ -121,7 +121,7 @@ def reward_of_completions(
     *,
     shape: models.TransformerConfig,
 ) -> jax.Array:
-  """Reward-model scores [B, S] of prompt plus each completion [B, S, L]."""
+  """Score prompt plus completion [B, S, L] with the reward model: [B, S]."""
   joined, joined_mask = join(
       prompt_tokens, prompt_lengths, completion_tokens, completion_mask
   )
@@ -212,7 +212,7 @@ def sample_batches(
 
 
 def prompt_keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
-  """[B] keys, `fold_in(key, i)` for each prompt index i."""
+  """Derive [B] keys, `fold_in(key, i)` for each prompt index i."""
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       key, jnp.asarray(indices, jnp.int32)
   )

@@ -29,8 +29,8 @@ def make_prompts(
     texts: sentences to take the opening words of.
     num_words: words per prompt (>= 1).
     min_continuation_words: words a sentence must have after the prompt.
-    max_prompt_bytes: longest prompt kept, in UTF-8 bytes (with the trailing
-      space).
+    max_prompt_bytes: maximum prompt length kept, in UTF-8 bytes (with the
+      trailing space).
     count: maximum number of prompts returned (>= 1).
     seed: seed of the shuffle that picks which prompts are used.
     source: name of the texts (for example 'movie_reviews/test'), used in the
