@@ -81,10 +81,11 @@ class CalibratedRewardsTest(parameterized.TestCase):
     np.testing.assert_allclose(got, _brute_force(rewards, ref), atol=1e-7)
 
   def test_blocked_rows_with_padding(self):
-    # M = 4096 puts 16 rows in a block, so 37 rows need 3 blocks and padding.
+    # Above 2**20 entries the table is searched in blocks. M = 4096 puts 16
+    # rows in a block, so 300 rows need 19 blocks, the last one padded.
     rng = np.random.default_rng(5)
-    ref = rng.integers(0, 50, size=(37, 4096)).astype(np.float32)
-    rewards = rng.integers(-2, 52, size=(37, 5)).astype(np.float32)
+    ref = rng.integers(0, 50, size=(300, 4096)).astype(np.float32)
+    rewards = rng.integers(-2, 52, size=(300, 5)).astype(np.float32)
     got = jax.jit(calibration.calibrated_rewards)(
         rewards, calibration.sort_reference_rewards(ref)
     )
