@@ -92,7 +92,9 @@ def log_environment(config: ml_collections.ConfigDict) -> None:
 
 
 def run_experiment(
-    run_fn: Callable[[ml_collections.ConfigDict, epath.Path], Mapping[str, Any]],
+    run_fn: Callable[
+        [ml_collections.ConfigDict, epath.Path], Mapping[str, Any]
+    ],
     config: ml_collections.ConfigDict,
     workdir: str,
 ) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def test_report_writes_table_and_plots(tmp_path):
   for plot in payload['plots']:
     assert (directory / plot).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   markdown = (directory / 'report.md').read_text()
-  assert '| exp | 0.100 |' in markdown
+  assert '| exp | - | 0.1 |' in markdown
   assert 'exp against baseline on W_BoN,4' in markdown
   stored = json.loads((directory / 'report.json').read_text())
   assert len(stored['table']) == 4
@@ -301,7 +301,7 @@ def test_smoke_end_to_end(smoke_run):
   table = _table(workdir)
   methods = [row['method'] for row in table]
   assert methods == ['reference'] + [
-      method for beta in config.rl.betas for method in config.rl.methods
+      method for _ in config.rl.kl_targets for method in config.rl.methods
   ]
   for row in table:
     for metric in ('w1', 'bon', 'won'):
@@ -365,7 +365,7 @@ def test_killed_pipeline_resumes_to_same_report(
 def test_other_config_workdir_rejected(smoke_run):
   workdir, _, _ = smoke_run
   config = sentiment_config.get_config('smoke')
-  config.rl.betas = (0.5,)
+  config.rl.kl_targets = (0.3,)
   from experiments import sentiment  # pylint: disable=g-import-not-at-top
 
   with pytest.raises(ValueError, match='holds a run made with another config'):

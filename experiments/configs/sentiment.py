@@ -138,8 +138,10 @@ def _default_config() -> ml_collections.ConfigDict:
   # Methods of the sweep: 'baseline' (raw reward, no calibration), and the
   # calibrated transforms 'identity', 'exp' (BoN) and 'neg_exp' (WoN).
   config.rl.methods = ('baseline', 'identity', 'exp', 'neg_exp')
-  # KL weights of the sweep.
-  config.rl.betas = (0.05, 0.2)
+  # KL targets of the sweep, in nats. Each method runs once per target, with
+  # the beta at which the calibrated-space analysis predicts that KL for its
+  # transform (raw rewards: the identity's beta).
+  config.rl.kl_targets = (0.25, 1.0)
   # N of the inference-time procedures that exp and neg_exp target.
   config.rl.procedure_n = 4
   # KL budget (nats) at which analysis.choose_t picks t for exp and neg_exp.
@@ -151,14 +153,14 @@ def _default_config() -> ml_collections.ConfigDict:
   # S: policy samples per prompt per step (leave-one-out baseline needs >= 2).
   config.rl.samples_per_prompt = 4
   # Adam learning rate of the policy.
-  config.rl.learning_rate = 1e-3
+  config.rl.learning_rate = 3e-4
   # Policy-gradient loss: 'reinforce' (leave-one-out baseline) or 'ppo'.
   config.rl.loss = 'reinforce'
   # Steps between checkpoints.
   config.rl.checkpoint_every = 20
-  # The raw reward of the baseline is divided by this scale (the standard
-  # deviation of the reward model's scores on the calibration table), so that
-  # beta means about the same amount of regularization for every method.
+  # Scale the baseline's raw reward to the spread of a calibrated reward
+  # (standard deviation 1/sqrt(12) on the calibration table's samples), so
+  # that it can share the identity transform's beta.
   config.rl.normalize_baseline_reward = True
 
   config.evaluation = ml_collections.ConfigDict()
@@ -196,7 +198,7 @@ def _apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.calibration.num_samples = 8
   config.calibration.batch_prompts = 8
   config.rl.methods = ('baseline', 'exp', 'neg_exp')
-  config.rl.betas = (0.1,)
+  config.rl.kl_targets = (0.5,)
   config.rl.steps = 4
   config.rl.batch_prompts = 4
   config.rl.samples_per_prompt = 4
@@ -231,7 +233,7 @@ def _apply_large(config: ml_collections.ConfigDict) -> None:
   config.prompts.continuation_length = 48
   config.calibration.num_samples = 512
   config.calibration.batch_prompts = 128
-  config.rl.betas = (0.01, 0.03, 0.1, 0.3, 1.0)
+  config.rl.kl_targets = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
   config.rl.steps = 2000
   config.rl.batch_prompts = 128
   config.rl.samples_per_prompt = 8

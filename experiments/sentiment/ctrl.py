@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 
 from experiments.sentiment import evaluation, policy, training
-from infalign_jax import analysis, calibration, rl, sampling
+from infalign_jax import analysis, calibration, rl, sampling, transforms
 from infalign_jax.data import judge
 
 TABLE_FOLDER = 'table'
@@ -156,6 +156,34 @@ def choose_transform_parameters(
           'identity, exp or neg_exp.'
       )
   return chosen
+
+
+def method_transform(method: str, t: float | None) -> transforms.Transform:
+  """The transform Phi of a method; the baseline's is the identity."""
+  if method in ('baseline', 'identity'):
+    return transforms.make_transform('identity')
+  return transforms.make_transform(method, t=t)
+
+
+def choose_betas(
+    config: ml_collections.ConfigDict, chosen_t: Mapping[str, float | None]
+) -> dict[str, list[float]]:
+  """KL weight of each method at each of `config.rl.kl_targets`.
+
+  Beta is where the calibrated-space analysis puts the method's KL at the
+  target, so the sweep spans the same KL range for every transform whatever
+  its scale (exp(t u) with t = 12 reaches e^12). The baseline uses the
+  identity's beta, because its raw reward is scaled to the spread of a
+  calibrated reward (`reward_scale`).
+  """
+  betas = {}
+  for method in config.rl.methods:
+    transform = method_transform(method, chosen_t[method])
+    betas[method] = [
+        float(analysis.beta_for_kl(transform, target))
+        for target in config.rl.kl_targets
+    ]
+  return betas
 
 
 def make_policy_trainer(

@@ -8,13 +8,14 @@ Stages and their workdir folders:
   prompts/               train prompts (RL, calibration) and held-out prompts
   calibration/           the calibration table of the train prompts
   reference_samples/     reward-model scores of reference samples, held out
-  rl_<method>_beta<b>/   one KL-regularized RL run from the reference LM
+  rl_<method>_kl<k>/     one KL-regularized RL run from the reference LM
   eval_<run>/            evaluation of one policy on held-out prompts
   report/                report.md, report.json and the PNG plots
 """
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from etils import epath
 from experiments.sentiment import corpus, ctrl, policy, stages, training
 from experiments.sentiment import prompts as prompts_lib
 from experiments.sentiment import report as report_lib
-from infalign_jax import analysis, transforms
+from infalign_jax import analysis
 
 # Betas of the calibrated-space prediction curves in the plots.
 _PREDICTION_BETAS = tuple(np.geomspace(0.01, 10.0, 40).tolist())
@@ -34,8 +35,8 @@ _PREDICTION_BETAS = tuple(np.geomspace(0.01, 10.0, 40).tolist())
 _GRID = 1025
 
 
-def _run_name(method: str, beta: float) -> str:
-  return f'rl_{method}_beta{beta:g}'
+def _run_name(method: str, kl_target: float) -> str:
+  return f'rl_{method}_kl{kl_target:g}'
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
@@ -142,10 +143,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
       'transforms',
       _slice(config, 'rl'),
       {},
-      lambda d: {'chosen_t': ctrl.choose_transform_parameters(config)},
+      lambda d: _choose_transforms(config),
   )
   chosen_t = transform_stage.record['chosen_t']
-  logging.info('Transform parameters chosen by analysis: %s', chosen_t)
+  chosen_betas = transform_stage.record['betas']
+  logging.info(
+      'Chosen by analysis: t %s, beta per KL target %s', chosen_t, chosen_betas
+  )
   evaluation_inputs = {
       'reference_lm': reference,
       'reward_model': reward,
@@ -173,10 +177,11 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
 
   run_hashes = []
   total_steps = reference.record['steps'] + reward.record['steps']
-  for beta in config.rl.betas:
+  for target_index, kl_target in enumerate(config.rl.kl_targets):
     for method in config.rl.methods:
-      name = _run_name(method, beta)
+      name = _run_name(method, kl_target)
       t = chosen_t[method]
+      beta = chosen_betas[method][target_index]
       rl_stage = stages.run_stage(
           workdir,
           name,
@@ -224,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
               ref_rewards=ref_rewards,
           ),
       )
-      rows.append(_row(method, beta, t, eval_stage))
+      rows.append(_row(method, beta, t, eval_stage, kl_target=kl_target))
 
   sections = {
       'reference_lm': {
@@ -296,8 +301,10 @@ def _slice(config: ml_collections.ConfigDict, *names: str) -> dict[str, Any]:
   return {name: config[name] for name in names}
 
 
-def _row(method, beta, t, stage: stages.StageResult) -> dict[str, Any]:
-  row = {'method': method, 'beta': beta, 't': t}
+def _row(
+    method, beta, t, stage: stages.StageResult, kl_target=None
+) -> dict[str, Any]:
+  row = {'method': method, 'kl_target': kl_target, 'beta': beta, 't': t}
   for key, value in stage.record.items():
     if key not in ('examples', 'seconds', 'cpu_seconds'):
       row[key] = value
@@ -307,8 +314,8 @@ def _row(method, beta, t, stage: stages.StageResult) -> dict[str, Any]:
 def _eval_inputs(workdir, config) -> dict[str, stages.StageResult]:
   """Completed evaluation stages, as inputs of the report stage."""
   names = ['eval_reference'] + [
-      f'eval_{_run_name(method, beta)}'
-      for beta in config.rl.betas
+      f'eval_{_run_name(method, kl_target)}'
+      for kl_target in config.rl.kl_targets
       for method in config.rl.methods
   ]
   inputs = {}
@@ -324,9 +331,19 @@ def _eval_inputs(workdir, config) -> dict[str, stages.StageResult]:
 
 
 def _reward_scale(config, table_stage: stages.StageResult) -> float:
+  """Divisor of the baseline's raw reward.
+
+  It brings the raw reward's spread on reference samples to that of a
+  calibrated reward, Uniform[0, 1], whose standard deviation is 1/sqrt(12).
+  """
   if not config.rl.normalize_baseline_reward:
     return 1.0
-  return max(table_stage.record['reward_std'], 1e-6)
+  return max(table_stage.record['reward_std'], 1e-6) * math.sqrt(12.0)
+
+
+def _choose_transforms(config):
+  chosen_t = ctrl.choose_transform_parameters(config)
+  return {'chosen_t': chosen_t, 'betas': ctrl.choose_betas(config, chosen_t)}
 
 
 def _make_prompts(directory, config, train_examples, test_examples):
@@ -361,11 +378,7 @@ def _predictions(config, chosen_t) -> dict[str, dict[str, list[float]]]:
   for method in config.rl.methods:
     if method == 'baseline':
       continue
-    transform = (
-        transforms.make_transform('identity')
-        if method == 'identity'
-        else transforms.make_transform(method, t=chosen_t[method])
-    )
+    transform = ctrl.method_transform(method, chosen_t[method])
     betas = np.asarray(_PREDICTION_BETAS)
     curve = {
         'beta': betas,

@@ -200,14 +200,15 @@ def table_markdown(
 ) -> str:
   """Render the results table (one row per method and beta)."""
   header = (
-      '| method | beta | t | KL | W_1 | '
+      '| method | KL target | beta | t | KL | W_1 | '
       f'W_BoN,{procedure_n} | W_WoN,{procedure_n} | reward | VADER judge |'
   )
-  lines = [header, '|' + '---|' * 9]
+  lines = [header, '|' + '---|' * 10]
   for row in rows:
     cells = [
         row['method'],
-        _format(row['beta'], 3) if row['beta'] is not None else '-',
+        _format(row.get('kl_target'), 2),
+        '-' if row['beta'] is None else f'{row["beta"]:.4g}',
         _format(row.get('t'), 2),
     ]
     for metric in ('kl', 'w1', 'bon', 'won', 'reward', 'judge'):
