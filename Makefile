@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 WORKDIR ?= runs/sentiment
-CONFIG ?= experiments/configs/theory.py
+CONFIG ?= experiments/configs/sentiment.py
 
 .PHONY: venv data experiment test test-slow lint format bench clean
 

@@ -91,6 +91,20 @@ def log_environment(config: ml_collections.ConfigDict) -> None:
   logging.info('Config:\n%s', config_to_json(config))
 
 
+def _forget_failed_start(workdir: epath.Path, *, remove_dir: bool) -> None:
+  """Undo the config record of a first run that failed before any artifact.
+
+  A config rejected by the experiment's own validation must not lock the
+  workdir: the corrected command has to be able to start there.
+  """
+  if [p.name for p in workdir.iterdir()] != [CONFIG_FILE]:
+    return
+  (workdir / CONFIG_FILE).unlink()
+  if remove_dir:
+    workdir.rmdir()
+  logging.info('Removed the config record of the failed start in %s', workdir)
+
+
 def run_experiment(
     run_fn: Callable[
         [ml_collections.ConfigDict, epath.Path], Mapping[str, Any]
@@ -107,9 +121,16 @@ def run_experiment(
   workdir_path = epath.Path(workdir).resolve()
   jax.config.update('jax_threefry_partitionable', True)
   log_environment(config)
+  created = not workdir_path.exists()
+  fresh = created or not (workdir_path / CONFIG_FILE).exists()
   check_workdir_config(config, workdir_path)
   start = time.time()
-  result = dict(run_fn(config, workdir_path))
+  try:
+    result = dict(run_fn(config, workdir_path))
+  except Exception:
+    if fresh:
+      _forget_failed_start(workdir_path, remove_dir=created)
+    raise
   for key in ('final_step', 'final_params_sha256'):
     if key not in result:
       raise KeyError(f'{run_fn!r} returned no {key!r}: got {sorted(result)}')
