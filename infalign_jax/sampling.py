@@ -67,6 +67,80 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def _as_array(x, name: str):
+  """Return `x` as an array; sequences such as lists go through NumPy."""
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return x
+  try:
+    return np.asarray(x)
+  except (TypeError, ValueError) as error:
+    raise TypeError(
+        f'{name} must be an array (or a nested list of ints), got '
+        f'{type(x).__name__}: {error}'
+    ) from error
+
+
+def _as_key(key) -> jax.Array:
+  """Return a typed PRNG key, wrapping a legacy uint32 [2] key."""
+  key = _as_array(key, 'key')
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape:
+      raise TypeError(
+          f'key must be a single PRNG key, got a key array of shape '
+          f'{key.shape}; pass one key from jax.random.key(seed).'
+      )
+    return key
+  if key.dtype == np.uint32 and key.shape == (2,):
+    # A jax.random.PRNGKey(seed) key of the default threefry implementation.
+    return jax.random.wrap_key_data(key)
+  raise TypeError(
+      f'key must be a PRNG key from jax.random.key(seed), got an array of '
+      f'dtype {key.dtype} and shape {key.shape}.'
+  )
+
+
+def _check_token_ids(tokens, vocab_size: int, name: str) -> None:
+  """Raise ValueError if concrete `tokens` hold an id outside [0, V).
+
+  A traced array (under an outer jit) cannot be inspected and is let through.
+
+  Args:
+    tokens: int array of token ids, any shape.
+    vocab_size: V.
+    name: the argument name for the error message.
+
+  Raises:
+    ValueError: naming the first offending id, its index and the range.
+  """
+  if not _is_concrete(tokens) or not np.size(tokens):
+    return
+  values = np.asarray(tokens)
+  bad = np.logical_or(values < 0, values >= vocab_size)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f'{name} holds token id {int(values[index])} at index {index}, '
+        f'outside the vocabulary range [0, V={vocab_size}); encode the text '
+        'with the tokenizer the model was built for, or raise '
+        'config.vocab_size.'
+    )
+
+
+def _check_special_ids(config: models.TransformerConfig, eos_id, pad_id):
+  """Raise ValueError unless eos_id (or None) and pad_id lie in [0, V)."""
+  for name, value in (('eos_id', eos_id), ('pad_id', pad_id)):
+    if value is None and name == 'eos_id':
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f'{name} must be an int token id, got {value!r}.')
+    if not 0 <= value < config.vocab_size:
+      raise ValueError(
+          f'{name}={value} is outside the vocabulary range '
+          f'[0, V={config.vocab_size}); use an id of the tokenizer, for '
+          'example its EOS or padding token.'
+      )
+
+
 def _check_prompts(
     config: models.TransformerConfig,
     prompt_tokens: jax.Array,
@@ -82,6 +156,7 @@ def _check_prompts(
     raise ValueError(
         f'prompt_tokens must be integer token ids, got {prompt_tokens.dtype}.'
     )
+  _check_token_ids(prompt_tokens, config.vocab_size, 'prompt_tokens')
   batch, prompt_len = prompt_tokens.shape
   if prompt_lengths.shape != (batch,):
     raise ValueError(
@@ -301,6 +376,32 @@ def _sample_uncached(
   return _to_output(out, batch, num_samples)
 
 
+def _prepare(
+    key,
+    config: models.TransformerConfig,
+    prompt_tokens,
+    prompt_lengths,
+    *,
+    num_samples,
+    max_new_tokens,
+    temperature,
+    eos_id,
+    pad_id,
+):
+  """Validate the arguments of `sample`; return key, prompts and lengths."""
+  key = _as_key(key)
+  prompt_tokens = _as_array(prompt_tokens, 'prompt_tokens')
+  prompt_lengths = _as_array(prompt_lengths, 'prompt_lengths')
+  _check_prompts(config, prompt_tokens, prompt_lengths, max_new_tokens)
+  _check_temperature(temperature)
+  _check_special_ids(config, eos_id, pad_id)
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(
+        f'num_samples must be a positive int, got {num_samples!r}.'
+    )
+  return key, prompt_tokens, prompt_lengths
+
+
 def sample(
     key: jax.Array,
     params: Params,
@@ -321,18 +422,21 @@ def sample(
   stops early once every sample has produced EOS.
 
   Args:
-    key: PRNG key; the only source of randomness.
+    key: PRNG key from `jax.random.key`; the only source of randomness. A
+      legacy `jax.random.PRNGKey` uint32 [2] key is wrapped with
+      `jax.random.wrap_key_data`.
     params: language-model parameters from `models.init_lm`.
     config: the model shape (static under jit).
-    prompt_tokens: [B, P] int right-padded prompts.
+    prompt_tokens: [B, P] int right-padded prompts, every id (padding
+      included) in [0, V). Nested lists are converted with `np.asarray`.
     prompt_lengths: [B] int valid tokens per prompt, in [1, P].
     num_samples: S, completions per prompt.
     max_new_tokens: L, completion length; P + L <= config.max_len.
     temperature: positive scalar; logits are divided by it before sampling.
       It is traced, so changing it does not recompile.
-    eos_id: token that ends a completion, or None for fixed-length
-      completions.
-    pad_id: token written after EOS.
+    eos_id: token in [0, V) that ends a completion, or None for
+      fixed-length completions.
+    pad_id: token in [0, V) written after EOS.
 
   Returns:
     A `SampleOutput` with [B, S, L] tokens, log-probabilities at the sampling
@@ -340,15 +444,27 @@ def sample(
 
   Raises:
     ValueError: on inconsistent shapes, a sequence longer than the context,
-      prompt lengths outside [1, P] or a non-positive temperature (values are
-      checked only when the arrays are concrete, not under an outer jit).
+      prompt lengths outside [1, P], a prompt token id outside [0, V), an
+      `eos_id` or `pad_id` outside [0, V) or a non-positive temperature.
+      Values inside arrays are checked only when the arrays are concrete.
+      Under an outer jit they are not: there an id >= V (or < -V) reads a
+      NaN embedding (Flax `nn.Embed` gathers with mode 'fill'), so every
+      log-probability of that row is NaN and its tokens are meaningless, and
+      an id in [-V, 0) wraps around to id + V like NumPy indexing.
+    TypeError: on a key that is not a single PRNG key, or prompts that cannot
+      be converted to an array.
   """
-  _check_prompts(config, prompt_tokens, prompt_lengths, max_new_tokens)
-  _check_temperature(temperature)
-  if not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(
-        f'num_samples must be a positive int, got {num_samples!r}.'
-    )
+  key, prompt_tokens, prompt_lengths = _prepare(
+      key,
+      config,
+      prompt_tokens,
+      prompt_lengths,
+      num_samples=num_samples,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      eos_id=eos_id,
+      pad_id=pad_id,
+  )
   return _sample_cached(
       key,
       params,
@@ -358,8 +474,8 @@ def sample(
       config=config,
       num_samples=num_samples,
       max_new_tokens=max_new_tokens,
-      eos_id=eos_id,
-      pad_id=pad_id,
+      eos_id=None if eos_id is None else int(eos_id),
+      pad_id=int(pad_id),
   )
 
 
@@ -383,12 +499,17 @@ def sample_without_cache(
   implementation for tests and as the baseline in the sampling benchmark.
   Arguments, return value and errors are those of `sample`.
   """
-  _check_prompts(config, prompt_tokens, prompt_lengths, max_new_tokens)
-  _check_temperature(temperature)
-  if not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(
-        f'num_samples must be a positive int, got {num_samples!r}.'
-    )
+  key, prompt_tokens, prompt_lengths = _prepare(
+      key,
+      config,
+      prompt_tokens,
+      prompt_lengths,
+      num_samples=num_samples,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      eos_id=eos_id,
+      pad_id=pad_id,
+  )
   return _sample_uncached(
       key,
       params,
@@ -398,8 +519,8 @@ def sample_without_cache(
       config=config,
       num_samples=num_samples,
       max_new_tokens=max_new_tokens,
-      eos_id=eos_id,
-      pad_id=pad_id,
+      eos_id=None if eos_id is None else int(eos_id),
+      pad_id=int(pad_id),
   )
 
 
@@ -501,7 +622,8 @@ def completion_logprobs(
     config: the model shape.
     prompt_tokens: [B, P] int right-padded prompts.
     prompt_lengths: [B] int valid tokens per prompt, in [1, P].
-    completion_tokens: [B, S, L] int completions.
+    completion_tokens: [B, S, L] int completions, ids in [0, V) (checked
+      when concrete, as in `sample`).
     completion_mask: [B, S, L] bool, True on each completion's valid prefix.
     temperature: positive scalar dividing the logits.
 
@@ -512,6 +634,7 @@ def completion_logprobs(
   _check_temperature(temperature)
   batch, num_samples, completion_len = completion_tokens.shape
   _check_prompts(config, prompt_tokens, prompt_lengths, completion_len)
+  _check_token_ids(completion_tokens, config.vocab_size, 'completion_tokens')
   # The content of padded positions never reaches a valid position.
   tokens, _ = join_prompt_completion(
       prompt_tokens,

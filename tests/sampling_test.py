@@ -236,6 +236,32 @@ class SampleTest(parameterized.TestCase):
     with self.assertRaises(ValueError):
       _sample(jax.random.key(0), self.params, **override)
 
+  @parameterized.named_parameters(
+      ('id_above_vocab', dict(prompts=_PROMPTS.at[0, 1].set(99)), 'id 99'),
+      ('negative_id', dict(prompts=_PROMPTS.at[2, 0].set(-5)), 'id -5'),
+      ('id_in_padding', dict(prompts=_PROMPTS.at[1, 3].set(6)), 'id 6'),
+      ('pad_id', dict(pad_id=-7), 'pad_id=-7'),
+      ('eos_id', dict(eos_id=6), 'eos_id=6'),
+  )
+  def test_rejects_token_id_outside_vocabulary(self, override, named):
+    with self.assertRaisesRegex(ValueError, named + r'.*\[0, V=6\)'):
+      _sample(jax.random.key(0), self.params, **override)
+
+  def test_legacy_key_and_lists_match_typed_key_and_arrays(self):
+    out = _sample(jax.random.key(3), self.params)
+    legacy = _sample(
+        jax.random.PRNGKey(3),
+        self.params,
+        prompts=_PROMPTS.tolist(),
+        lengths=_LENGTHS.tolist(),
+    )
+    np.testing.assert_array_equal(legacy.tokens, out.tokens)
+    np.testing.assert_array_equal(legacy.logprobs, out.logprobs)
+
+  def test_rejects_key_that_is_not_one_key(self):
+    with self.assertRaisesRegex(TypeError, 'jax.random.key'):
+      _sample(jnp.zeros((3,), jnp.uint32), self.params)
+
 
 class SampleDistributionTest(absltest.TestCase):
 
@@ -331,6 +357,19 @@ class CompletionLogprobsTest(parameterized.TestCase):
     self.assertGreater(
         float(jnp.abs(grads['block_0']['query']['kernel']).max()), 0
     )
+
+
+  def test_rejects_completion_token_outside_vocabulary(self):
+    completions = jnp.array([[[3, 5, 0]], [[1, 9, 2]], [[4, 2, 5]]], jnp.int32)
+    with self.assertRaisesRegex(ValueError, r'id 9 at index \(1, 0, 1\)'):
+      sampling.completion_logprobs(
+          _params(),
+          _CONFIG,
+          _PROMPTS,
+          _LENGTHS,
+          completions,
+          jnp.ones(completions.shape, jnp.bool_),
+      )
 
 
 class JoinPromptCompletionTest(absltest.TestCase):
