@@ -247,11 +247,21 @@ def _run_steps(
     # Fetching the flag waits for this step, so the checks below see it.
     bad_step = int(first_nonfinite)
     if bad_step >= 0:
+      if last_saved is None:
+        where = (
+            f'No checkpoint exists in {checkpointer.directory}, so a new '
+            'run starts from step 0.'
+        )
+      else:
+        where = (
+            f'A re-run resumes from the checkpoint of step {last_saved} in '
+            f'{checkpointer.directory}.'
+        )
       raise NonFiniteError(
-          f'Non-finite loss or gradient at step {bad_step} (latest '
-          f'checkpoint: step {last_saved}, in {checkpointer.directory}). '
-          'Lower the learning rate or check the inputs of that step, then '
-          'resume.'
+          f'Non-finite loss or gradient at step {bad_step}. {where} Check '
+          'the rewards and inputs of that step first (a NaN reward, or a '
+          'reward transform that overflows, such as exp(t u) with t u > 88 '
+          'in float32); if they are finite, lower the learning rate.'
       )
     if is_log_step:
       host_metrics = jax.device_get(step_metrics)

@@ -22,11 +22,13 @@ prompt, T completion tokens.
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from infalign_jax import calibration, losses, train, transforms
@@ -66,13 +68,17 @@ class RLConfig:
   - ('loss', 'k1') is rejected: its expected gradient is zero.
 
   Attributes:
-    beta: KL weight, > 0.
+    beta: KL weight, a finite real number > 0 (a NumPy scalar is stored as
+      a float; a bool is rejected).
     transform: transform name for `transforms.make_transform` ('identity',
       'log', 'exp', 'neg_exp', ...).
     transform_params: keyword parameters of the transform, such as
-      {'t': 10.0} for 'exp'.
+      {'t': 10.0} for 'exp'. 'exp' with t > 88 needs 'normalize': True,
+      because exp(t u) overflows float32 for t u > 88.7.
     calibrate: True for CTRL (calibrate against the batch's
-      `sorted_ref_rewards`); False for the raw-reward baseline.
+      `sorted_ref_rewards`); False for the raw-reward baseline. With False
+      the transform receives raw rewards of any scale: 'log' is rejected, and
+      'exp' or 'neg_exp' overflow when |t r| > 88 for a raw reward r.
     algorithm: 'reinforce' (one update per step) or 'ppo' (`ppo_epochs`
       clipped updates on the same samples).
     kl_estimator: 'k1', 'k2' or 'k3'.
@@ -97,17 +103,24 @@ class RLConfig:
   clip_epsilon: float = 0.2
 
   def __post_init__(self):
-    if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)):
-      raise ValueError(f'beta must be a finite number, got {self.beta!r}.')
-    if self.beta <= 0:
+    beta = _real('beta', self.beta)
+    if beta <= 0:
       raise ValueError(
-          f'beta must be > 0, got {self.beta}. For no KL penalty use a small '
+          f'beta must be > 0, got {beta}. For no KL penalty use a small '
           'positive beta; the optimum of the objective is undefined at 0.'
       )
+    object.__setattr__(self, 'beta', beta)
+    if not isinstance(self.calibrate, (bool, np.bool_)):
+      raise ValueError(
+          f'calibrate must be a bool, got {self.calibrate!r}: True for CTRL, '
+          'False for the raw-reward baseline.'
+      )
+    object.__setattr__(self, 'calibrate', bool(self.calibrate))
     object.__setattr__(self, 'transform_params', dict(self.transform_params))
     # Builds the transform once so an unknown name or bad parameter fails
     # here, with the transforms module's message.
     transforms.make_transform(self.transform, **self.transform_params)
+    self._check_transform_range()
     if self.algorithm not in ALGORITHMS:
       raise ValueError(
           f'Unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}.'
@@ -128,17 +141,66 @@ class RLConfig:
           "gradient, so it would not regularize. Use kl_estimator='k2' in "
           "the loss, or kl_placement='reward'."
       )
-    if not isinstance(self.num_samples, int) or self.num_samples < 2:
+    if not _is_int(self.num_samples) or self.num_samples < 2:
       raise ValueError(
           f'num_samples must be an integer >= 2 for the leave-one-out '
           f'baseline, got {self.num_samples!r}.'
       )
-    if not isinstance(self.ppo_epochs, int) or self.ppo_epochs < 1:
+    object.__setattr__(self, 'num_samples', int(self.num_samples))
+    if not _is_int(self.ppo_epochs) or self.ppo_epochs < 1:
       raise ValueError(
           f'ppo_epochs must be an integer >= 1, got {self.ppo_epochs!r}.'
       )
-    if not self.clip_epsilon > 0:
-      raise ValueError(f'clip_epsilon must be > 0, got {self.clip_epsilon!r}.')
+    object.__setattr__(self, 'ppo_epochs', int(self.ppo_epochs))
+    clip_epsilon = _real('clip_epsilon', self.clip_epsilon)
+    if not clip_epsilon > 0:
+      raise ValueError(f'clip_epsilon must be > 0, got {clip_epsilon!r}.')
+    object.__setattr__(self, 'clip_epsilon', clip_epsilon)
+
+  def _check_transform_range(self):
+    """Reject transforms whose values cannot be finite or meaningful."""
+    params = self.transform_params
+    if (
+        self.transform == 'exp'
+        and not params.get('normalize', False)
+        and float(params['t']) > _EXP_MAX_T
+    ):
+      t = float(params['t'])
+      raise ValueError(
+          f"transform 'exp' with t={t:g} and normalize=False overflows "
+          f'float32: exp(t u) is inf once t u > {_EXP_MAX_T:g}, that is '
+          f'u > {_EXP_MAX_T / t:.2f} for calibrated rewards in [0, 1]. Pass '
+          f"transform_params={{'t': {t:g}, 'normalize': True}}, which gives "
+          f'the same policy at KL weight beta / (exp(t) - 1), or use '
+          f't <= {_EXP_MAX_T:g}.'
+      )
+    if self.transform == 'log' and not self.calibrate:
+      raise ValueError(
+          "transform 'log' needs calibrated rewards in [0, 1], but "
+          'calibrate=False: every raw reward below the floor would be '
+          'clamped to log(floor), with zero gradient. Use calibrate=True, '
+          "or transform='identity' for the raw-reward baseline."
+      )
+
+
+# float32 overflows in exp(x) for x > log(3.4e38) = 88.7.
+_EXP_MAX_T = 88.0
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _real(name: str, value) -> float:
+  """Return `value` as a finite float; reject bools and non-numbers."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, numbers.Real
+  ):
+    raise ValueError(f'{name} must be a real number, got {value!r}.')
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f'{name} must be finite, got {value!r}.')
+  return value
 
 
 def _tie_fraction(

@@ -116,7 +116,8 @@ class RunTrainingTest(parameterized.TestCase):
   def test_nonfinite_stops_before_checkpoint(self):
     # The batch at data position 2 is read by step 3.
     with self.assertRaisesRegex(
-        loop.NonFiniteError, 'at step 3 .latest checkpoint: step 2'
+        loop.NonFiniteError, 'at step 3. A re-run resumes from the '
+        'checkpoint of step 2'
     ):
       self._run(
           self.tmp, 8, batch_fn=_make_batch_fn(poison_position=2), log_every=50
@@ -129,6 +130,12 @@ class RunTrainingTest(parameterized.TestCase):
           checkpointing.abstract_state(_init_state_fn)
       )
     self.assertTrue(np.all(np.isfinite(np.asarray(restored.params['w']))))
+
+  def test_nonfinite_without_checkpoint_says_so(self):
+    with self.assertRaisesRegex(
+        loop.NonFiniteError, 'at step 1. No checkpoint exists'
+    ):
+      self._run(self.tmp, 4, batch_fn=_make_batch_fn(poison_position=0))
 
   def test_other_config_rejected(self):
     self._run(self.tmp, 2)

@@ -76,7 +76,20 @@ def _np_log_softmax(x):
     [
         (dict(beta=0.0), 'beta must be > 0'),
         (dict(beta=-1.0), 'beta must be > 0'),
-        (dict(beta=float('nan')), 'finite number'),
+        (dict(beta=float('nan')), 'beta must be finite'),
+        (dict(beta=True), 'beta must be a real number, got True'),
+        (dict(beta='0.1'), 'beta must be a real number'),
+        (dict(beta=0.1, calibrate='no'), "calibrate must be a bool, got 'no'"),
+        (
+            dict(beta=0.1, transform='exp', transform_params={'t': 200.0}),
+            r"t=200 and normalize=False overflows float32.*u > 0\.44.*"
+            r"'normalize': True",
+        ),
+        (
+            dict(beta=0.1, transform='log', calibrate=False),
+            "transform 'log' needs calibrated rewards.*calibrate=False",
+        ),
+        (dict(beta=0.1, clip_epsilon=float('inf')), 'clip_epsilon must be'),
         (dict(beta=0.1, transform='cube'), 'cube'),
         (dict(beta=0.1, algorithm='grpo'), "Unknown algorithm 'grpo'"),
         (dict(beta=0.1, kl_estimator='k4'), "Unknown kl_estimator 'k4'"),
@@ -93,6 +106,27 @@ def _np_log_softmax(x):
 def test_rl_config_rejects_bad_values(kwargs, message):
   with pytest.raises(ValueError, match=message):
     rl.RLConfig(**kwargs)
+
+
+def test_rl_config_accepts_numpy_scalars():
+  config = rl.RLConfig(
+      beta=np.float32(0.25),
+      calibrate=np.bool_(False),
+      num_samples=np.int64(3),
+      clip_epsilon=np.float64(0.1),
+  )
+  assert (type(config.beta), config.beta) == (float, 0.25)
+  assert config.calibrate is False
+  assert (type(config.num_samples), config.num_samples) == (int, 3)
+  assert config.clip_epsilon == 0.1
+
+
+def test_rl_config_accepts_large_t_when_normalized():
+  config = rl.RLConfig(
+      beta=0.1, transform='exp', transform_params={'t': 200.0, 'normalize': True}
+  )
+  assert config.transform_params['normalize']
+  assert rl.RLConfig(beta=0.1, transform='exp', transform_params={'t': 88.0})
 
 
 def test_rl_config_copies_transform_params():
