@@ -30,6 +30,7 @@ float32.
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -83,7 +84,7 @@ class TransformerConfig:
   def __post_init__(self):
     for name in ('vocab_size', 'width', 'num_layers', 'num_heads', 'max_len'):
       value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(
             f'TransformerConfig.{name} must be a positive int, got {value!r}.'
         )
@@ -94,7 +95,9 @@ class TransformerConfig:
           'of num_heads.'
       )
     if self.mlp_dim is not None and (
-        not isinstance(self.mlp_dim, int) or self.mlp_dim < 1
+        not isinstance(self.mlp_dim, int)
+        or isinstance(self.mlp_dim, bool)
+        or self.mlp_dim < 1
     ):
       raise ValueError(
           'TransformerConfig.mlp_dim must be a positive int or None, got '
@@ -105,10 +108,15 @@ class TransformerConfig:
           f'TransformerConfig.dtype={self.dtype!r} is not supported; use one '
           f'of {_SUPPORTED_DTYPES}.'
       )
-    if not self.layer_norm_epsilon > 0:
+    epsilon = self.layer_norm_epsilon
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, numbers.Real)
+        or not 0 < epsilon < math.inf
+    ):
       raise ValueError(
-          'TransformerConfig.layer_norm_epsilon must be positive, got '
-          f'{self.layer_norm_epsilon!r}.'
+          'TransformerConfig.layer_norm_epsilon must be a positive finite '
+          f'number such as 1e-5, got {epsilon!r}.'
       )
 
   @property

@@ -100,7 +100,7 @@ def _as_key(key) -> jax.Array:
 
 
 def _check_token_ids(tokens, vocab_size: int, name: str) -> None:
-  """Raise ValueError if concrete `tokens` hold an id outside [0, V).
+  """Raise ValueError if concrete `tokens` contain an id outside [0, V).
 
   A traced array (under an outer jit) cannot be inspected and is let through.
 
@@ -119,7 +119,7 @@ def _check_token_ids(tokens, vocab_size: int, name: str) -> None:
   if bad.any():
     index = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(
-        f'{name} holds token id {int(values[index])} at index {index}, '
+        f'{name} contains token id {int(values[index])} at index {index}, '
         f'outside the vocabulary range [0, V={vocab_size}); encode the text '
         'with the tokenizer the model was built for, or raise '
         'config.vocab_size.'

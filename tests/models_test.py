@@ -98,6 +98,11 @@ class TransformerConfigTest(parameterized.TestCase):
       ('zero_mlp_dim', dict(mlp_dim=0)),
       ('unknown_dtype', dict(dtype='int8')),
       ('zero_epsilon', dict(layer_norm_epsilon=0.0)),
+      ('bool_vocab', dict(vocab_size=True)),
+      ('bool_mlp_dim', dict(mlp_dim=True)),
+      ('infinite_epsilon', dict(layer_norm_epsilon=float('inf'))),
+      ('nan_epsilon', dict(layer_norm_epsilon=float('nan'))),
+      ('string_epsilon', dict(layer_norm_epsilon='1e-5')),
   )
   def test_rejects_invalid_field(self, override):
     fields = dict(
