@@ -35,10 +35,12 @@ NOTE: k3 of a sequence log ratio below about -88 overflows float32
 under pi_ref; k1 and k2 have no such limit.
 """
 
+import numbers
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = (
     'KL_ESTIMATORS',
@@ -70,6 +72,12 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Returns:
     [..., T] float32 log-probabilities of the targets.
+
+  Raises:
+    ValueError: on mismatched shapes, non-integer targets, or a concrete
+      target outside [0, V). Traced targets (under jit) are not checked:
+      there a target >= V (or < -V) gives NaN, and one in [-V, 0) wraps
+      around to target + V like NumPy indexing.
   """
   if logits.ndim != targets.ndim + 1:
     raise ValueError(
@@ -86,8 +94,24 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     raise ValueError(
         f'targets must be integer token ids, got dtype {targets.dtype}.'
     )
+  _check_targets(targets, logits.shape[-1])
   logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+
+
+def _check_targets(targets, vocab_size: int) -> None:
+  """Raise ValueError if concrete `targets` contain an id outside [0, V)."""
+  if isinstance(targets, jax.core.Tracer) or not np.size(targets):
+    return
+  values = np.asarray(targets)
+  bad = np.logical_or(values < 0, values >= vocab_size)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f'targets contain token id {int(values[index])} at index {index}, '
+        f'outside the vocabulary range [0, V={vocab_size}) of the logits; '
+        'pass targets from the same tokenizer as the model.'
+    )
 
 
 def _check_mask(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -162,10 +186,24 @@ def _check_placement(placement: str) -> None:
     )
 
 
-def _check_beta(beta) -> None:
+def _concrete_beta(beta) -> float | None:
+  """Return `beta` as a float, or None when it is traced."""
   # A traced beta (an adaptive coefficient) cannot be checked here.
-  if isinstance(beta, (int, float)) and not beta >= 0:
-    raise ValueError(f'beta must be >= 0, got {beta}.')
+  if isinstance(beta, jax.core.Tracer):
+    return None
+  if isinstance(beta, (bool, np.bool_)):
+    raise ValueError(f'beta must be a real number >= 0, got {beta!r}.')
+  if isinstance(beta, numbers.Real):
+    return float(beta)
+  if isinstance(beta, (jax.Array, np.ndarray)) and not np.shape(beta):
+    return float(beta)
+  raise ValueError(f'beta must be a real scalar >= 0, got {beta!r}.')
+
+
+def _check_beta(beta) -> None:
+  value = _concrete_beta(beta)
+  if value is not None and not value >= 0:
+    raise ValueError(f'beta must be >= 0, got {value}.')
 
 
 def kl_estimate(
@@ -310,12 +348,18 @@ def reinforce_loo_loss(
   rewards = jax.lax.stop_gradient(rewards.astype(jnp.float32))
   kl_term = jnp.zeros(rewards.shape[:1], jnp.float32)
   if ref_seq_logprobs is None:
-    if not (isinstance(beta, (int, float)) and beta == 0):
+    if _concrete_beta(beta) != 0:
       raise ValueError(
           'ref_seq_logprobs is required when beta != 0: pass log pi_ref of '
           'the samples, or set beta=0.'
       )
   else:
+    if ref_seq_logprobs.shape != seq_logprobs.shape:
+      raise ValueError(
+          f'ref_seq_logprobs shape {ref_seq_logprobs.shape} differs from '
+          f'seq_logprobs shape {seq_logprobs.shape}; both must be [B, S] '
+          'log-probabilities of the same samples.'
+      )
     log_ratio = seq_logprobs - jax.lax.stop_gradient(
         ref_seq_logprobs.astype(jnp.float32)
     )
@@ -358,10 +402,12 @@ def ppo_clip_loss(
 
   KL placement:
 
-  - 'reward' (default): the caller has already folded `-beta * k(l)` into the
-    rewards behind `advantages` (`kl_regularized_rewards`, then
-    `leave_one_out_advantages`); `ref_logprobs` and `beta` must be left
-    unset.
+  - 'reward' (default): this function applies no KL term. The caller must
+    already have folded `-beta * k(l)` into the rewards behind `advantages`
+    (`kl_regularized_rewards`, then `leave_one_out_advantages`).
+    `ref_logprobs` must be None and `beta` 0; anything else raises
+    ValueError rather than being ignored. A traced `beta` cannot be checked
+    and is ignored.
   - 'loss': adds `beta * mean_s k(l_s)` with l the sequence log ratio of the
     current parameters. At the first inner epoch (pi = pi_old) the k2
     gradient equals the exact gradient of KL(pi || pi_ref) in expectation;
@@ -376,7 +422,8 @@ def ppo_clip_loss(
     mask: [B, S, T] completion mask (1 for real completion tokens).
     epsilon: clip range, > 0.
     ref_logprobs: [B, S, T] log pi_ref, only for placement 'loss'.
-    beta: KL weight, >= 0, only for placement 'loss'.
+    beta: KL weight, >= 0, only for placement 'loss' (must be 0 for
+      'reward').
     kl_estimator: 'k1', 'k2' or 'k3' for placement 'loss'.
     kl_placement: 'reward' or 'loss'.
 
@@ -423,6 +470,14 @@ def ppo_clip_loss(
           "ref_logprobs was passed with kl_placement='reward', where the KL "
           'term belongs in the rewards behind `advantages`. Fold it in with '
           "kl_regularized_rewards, or use kl_placement='loss'."
+      )
+    if _concrete_beta(beta) != 0:
+      raise ValueError(
+          f"beta={beta!r} with kl_placement='reward' would have no effect: "
+          'ppo_clip_loss cannot apply a KL penalty in the reward. The caller '
+          'applies it to the advantages: fold -beta * k(l) into the rewards '
+          'with kl_regularized_rewards, then call leave_one_out_advantages, '
+          "and pass beta=0 here; or use kl_placement='loss'."
       )
     return loss
   if ref_logprobs is None:

@@ -66,6 +66,15 @@ def test_token_logprobs_rejects_bad_shapes():
     losses.token_logprobs(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3)))
 
 
+@pytest.mark.parametrize('bad_id', [5, -1])
+def test_token_logprobs_rejects_target_outside_vocabulary(bad_id):
+  targets = jnp.array([[1, bad_id]])
+  with pytest.raises(
+      ValueError, match=rf'token id {bad_id} at index \(0, 1\).*\[0, V=5\)'
+  ):
+    losses.token_logprobs(jnp.zeros((1, 2, 5)), targets)
+
+
 def test_masked_mean_and_sum_by_hand():
   values = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
   mask = jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]])
@@ -248,6 +257,18 @@ def test_reinforce_loo_rejects_bad_inputs():
     losses.reinforce_loo_loss(good, jnp.zeros((2, 4)))
   with pytest.raises(ValueError, match='beta must be >= 0'):
     losses.reinforce_loo_loss(good, good, ref_seq_logprobs=good, beta=-1.0)
+  with pytest.raises(ValueError, match='beta must be >= 0, got -1.0'):
+    losses.reinforce_loo_loss(
+        good, good, ref_seq_logprobs=good, beta=np.float32(-1.0)
+    )
+  with pytest.raises(ValueError, match='beta must be a real number'):
+    losses.reinforce_loo_loss(good, good, ref_seq_logprobs=good, beta=True)
+  with pytest.raises(
+      ValueError, match=r'shape \(2, 4\) differs from seq_logprobs shape'
+  ):
+    losses.reinforce_loo_loss(
+        good, good, ref_seq_logprobs=jnp.zeros((2, 4)), beta=0.1
+    )
   with pytest.raises(ValueError, match='ref_seq_logprobs is required'):
     losses.reinforce_loo_loss(good, good, beta=0.1)
   with pytest.raises(ValueError, match="Unknown KL placement 'both'"):
@@ -475,6 +496,8 @@ def test_ppo_rejects_bad_inputs():
     losses.ppo_clip_loss(x, x, adv, x, epsilon=0.0)
   with pytest.raises(ValueError, match='kl_regularized_rewards'):
     losses.ppo_clip_loss(x, x, adv, x, ref_logprobs=x, beta=0.1)
+  with pytest.raises(ValueError, match='beta=5.0 .* no effect.*caller'):
+    losses.ppo_clip_loss(x, x, adv, x, beta=5.0)
   with pytest.raises(ValueError, match='needs ref_logprobs'):
     losses.ppo_clip_loss(x, x, adv, x, beta=0.1, kl_placement='loss')
   with pytest.raises(ValueError, match='old_logprobs shape'):
