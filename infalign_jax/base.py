@@ -7,8 +7,8 @@ values are unknown, and the check is skipped. Each function that skips a check
 under tracing documents what it computes for non-finite input.
 """
 
-import numbers
 from collections.abc import Sequence
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +43,20 @@ def check_finite(name: str, x) -> None:
   if is_traced(x):
     return
   values = np.asarray(x)
-  if not np.issubdtype(values.dtype, np.number):
+  # jnp.issubdtype also knows the ml_dtypes floats (bfloat16) that NumPy's
+  # own type hierarchy does not.
+  real = jnp.issubdtype(values.dtype, jnp.floating) or jnp.issubdtype(
+      values.dtype, jnp.integer
+  )
+  if not real:
     raise ValueError(
-        f'{name} must be a numeric array, got dtype {values.dtype}.'
+        f'{name} must be a real numeric array (integer or floating, '
+        f'bfloat16 included), got dtype {values.dtype}. Convert it, for '
+        'example with .astype(np.float32).'
     )
-  if np.issubdtype(values.dtype, np.integer):
+  if jnp.issubdtype(values.dtype, jnp.integer):
     return
+  values = values.astype(np.float32) if values.dtype.itemsize < 4 else values
   bad = ~np.isfinite(values)
   if bad.any():
     index = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -88,7 +96,13 @@ def check_positive(name: str, value) -> None:
   """Raise unless `value` is a finite real number > 0 (scalar or array)."""
   if is_traced(value):
     return
-  values = np.asarray(value, dtype=np.float64)
+  try:
+    values = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f'{name} must be a finite real number > 0, got {value!r} (type '
+        f'{type(value).__name__}). Pass a positive number.'
+    ) from None
   if not (np.all(np.isfinite(values)) and np.all(values > 0)):
     raise ValueError(
         f'{name} must be finite and > 0, got {value!r}. Pass a positive '

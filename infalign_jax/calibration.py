@@ -19,13 +19,13 @@ References:
   alignment", ICML 2025, arXiv:2412.19792 (calibrated reward, CTRL step 1).
 """
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,6 +51,43 @@ def _float_dtype(*arrays) -> jnp.dtype:
   if not jnp.issubdtype(dtype, jnp.floating):
     return jnp.dtype(jnp.float32)
   return jnp.promote_types(dtype, jnp.float32)
+
+
+# Integers up to 2**24 in magnitude are exact in float32.
+_FLOAT32_EXACT_INT = 2**24
+
+
+def _comparison_dtype(rewards: jax.Array, sorted_ref: jax.Array) -> jnp.dtype:
+  """Dtype in which both arrays are compared, exact for both when possible.
+
+  Floats keep their dtype (float64 rewards are not rounded to float32). An
+  integer array beside a float array is compared in float64 when x64 is
+  enabled. Without x64 the comparison is in float32, and integers beyond
+  2**24 in magnitude, which float32 cannot hold exactly, are rejected
+  outside `jax.jit`.
+  """
+  common = jnp.promote_types(rewards.dtype, sorted_ref.dtype)
+  mixed = jnp.issubdtype(common, jnp.floating) and any(
+      jnp.issubdtype(a.dtype, jnp.integer) for a in (rewards, sorted_ref)
+  )
+  if not mixed:
+    return common
+  if jax.config.jax_enable_x64:
+    return jnp.dtype(jnp.float64)
+  if common == jnp.float32:
+    for name, array in (
+        ('rewards', rewards),
+        ('sorted_ref_rewards', sorted_ref),
+    ):
+      if jnp.issubdtype(array.dtype, jnp.integer) and not base.is_traced(array):
+        if array.size and int(jnp.max(jnp.abs(array))) > _FLOAT32_EXACT_INT:
+          raise ValueError(
+              f'{name} holds integers beyond 2**24 in magnitude, which are '
+              'not exact in float32, next to float rewards. Enable x64 '
+              "(jax.config.update('jax_enable_x64', True)) or pass both "
+              'arrays as the same dtype.'
+          )
+  return common
 
 
 def sort_reference_rewards(ref_rewards: jax.typing.ArrayLike) -> jax.Array:
@@ -195,15 +232,18 @@ def calibrated_rewards(
 
   Returns:
     [B, S] calibrated rewards in [0, 1], in the floating dtype of the inputs
-    (float32 for float32 or integer inputs, float64 for float64 inputs when
-    x64 is enabled). Under `jax.jit` the finiteness check is skipped: +inf
+    (float32 for float32, bfloat16 or integer inputs, float64 for float64
+    inputs when x64 is enabled). Integer rewards next to float reference
+    rewards are compared in float64 under x64; without x64 in float32, and
+    integers beyond 2**24 in magnitude are then rejected (outside jit). Under `jax.jit` the finiteness check is skipped: +inf
     then gets 1 and -inf gets 0. A NaN reward compares false with every
     reference reward, so it gets 0 with 'flat' (and 1 with the
     `jnp.searchsorted` methods).
 
   Raises:
-    ValueError: a rank or batch-size mismatch, an unknown `method`, or
-      (outside `jax.jit`) a NaN or infinite reward.
+    ValueError: a rank or batch-size mismatch, M = 0, an unknown `method`,
+      a complex or non-numeric dtype, or (outside `jax.jit`) a NaN or
+      infinite reward.
   """
   base.check_rank('rewards', rewards, 2)
   base.check_rank('sorted_ref_rewards', sorted_ref_rewards, 2)
@@ -213,14 +253,17 @@ def calibrated_rewards(
   base.check_choice('method', method, _SEARCH_METHODS)
   base.check_finite('rewards', rewards)
   base.check_finite('sorted_ref_rewards', sorted_ref_rewards)
+  if jnp.shape(sorted_ref_rewards)[1] < 1:
+    raise ValueError(
+        'sorted_ref_rewards has M=0 reference rewards per prompt; calibration '
+        'needs M >= 1. Sample at least one reference response per prompt.'
+    )
 
   rewards = jnp.asarray(rewards)
   sorted_ref_rewards = jnp.asarray(sorted_ref_rewards)
   dtype = _float_dtype(rewards, sorted_ref_rewards)
   num_reference = sorted_ref_rewards.shape[1]
-  # Compare in the common dtype, so that float64 rewards are not rounded to
-  # float32 before the comparison.
-  common = jnp.promote_types(rewards.dtype, sorted_ref_rewards.dtype)
+  common = _comparison_dtype(rewards, sorted_ref_rewards)
   below, below_or_equal = _rank_counts(
       rewards.astype(common), sorted_ref_rewards.astype(common), method
   )
@@ -302,7 +345,10 @@ class CalibrationTable:
   of the identity record, so checkpoints can store one string.
 
   Attributes:
-    sorted_rewards: [P, M] float32 NumPy array, each row sorted ascending.
+    sorted_rewards: [P, M] NumPy array, each row sorted ascending. float64
+      input stays float64 (so x64 calibration keeps its resolution); every
+      other dtype (float32, float16, bfloat16, integers) is stored as
+      float32.
     prompt_ids: [P] NumPy array of prompt ids (integers or strings), row i
       belongs to prompt `prompt_ids[i]`.
     identity: JSON-serialisable record of what produced the table.
@@ -349,7 +395,8 @@ class CalibrationTable:
           f'{error}'
       ) from error
 
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    dtype = np.float64 if rows.dtype == np.float64 else np.float32
+    rows = np.ascontiguousarray(rows, dtype=dtype)
     rows.setflags(write=False)
     ids = np.ascontiguousarray(ids)
     ids.setflags(write=False)
@@ -364,8 +411,17 @@ class CalibrationTable:
       prompt_ids: jax.typing.ArrayLike,
       identity: Mapping[str, Any],
   ) -> 'CalibrationTable':
-    """Sort [P, M] reference rewards into a table for prompts `prompt_ids`."""
-    rows = np.asarray(sort_reference_rewards(np.asarray(ref_rewards)))
+    """Sort [P, M] reference rewards into a table for prompts `prompt_ids`.
+
+    Sorted with NumPy on the host, so float64 rewards stay float64 whether
+    or not JAX has x64 enabled.
+    """
+    rows = np.asarray(ref_rewards)
+    base.check_rank('ref_rewards', rows, 2)
+    base.check_finite('ref_rewards', rows)
+    if rows.dtype != np.float64:
+      rows = rows.astype(np.float32)
+    rows = np.sort(rows, axis=1)
     return cls(sorted_rewards=rows, prompt_ids=prompt_ids, identity=identity)
 
   @property
@@ -395,7 +451,7 @@ class CalibrationTable:
       prompt_indices: [B] integer row positions in [0, P).
 
     Returns:
-      [B, M] float32 sorted reference rewards, ready for
+      [B, M] sorted reference rewards (the table's dtype), ready for
       `calibrated_rewards(rewards, rows)`.
 
     Raises:
@@ -506,9 +562,11 @@ class CalibrationTable:
     """Read a table written by `save`, and check it if `expected_identity`.
 
     Raises:
-      FileNotFoundError: no table in `directory`.
-      ValueError: the stored arrays do not match their recorded checksum, or
-        the identity differs from `expected_identity`.
+      FileNotFoundError: no table in `directory` (no identity.json).
+      ValueError: a damaged table (unreadable or missing file, bad JSON or
+        array, missing field, unsorted rows, a checksum mismatch), naming
+        the directory and the fix; or the identity differs from
+        `expected_identity`.
     """
     directory = os.fspath(directory)
     meta_path = os.path.join(directory, _META_FILE)
@@ -517,17 +575,31 @@ class CalibrationTable:
           f'No calibration table in {directory} (missing {_META_FILE}); '
           'build one with CalibrationTable.build(...).save(directory).'
       )
-    with open(meta_path, encoding='utf-8') as f:
-      meta = json.load(f)
-    table = cls(
-        sorted_rewards=np.load(os.path.join(directory, _ROWS_FILE)),
-        prompt_ids=np.load(os.path.join(directory, _IDS_FILE)),
-        identity=meta['identity'],
-    )
-    if table.content_sha256() != meta['content_sha256']:
+    try:
+      with open(meta_path, encoding='utf-8') as f:
+        meta = json.load(f)
+      # allow_pickle=False: a table holds numbers and strings only.
+      table = cls(
+          sorted_rewards=np.load(
+              os.path.join(directory, _ROWS_FILE), allow_pickle=False
+          ),
+          prompt_ids=np.load(
+              os.path.join(directory, _IDS_FILE), allow_pickle=False
+          ),
+          identity=meta['identity'],
+      )
+      recorded_sha256 = meta['content_sha256']
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
+      raise ValueError(
+          f'Calibration table in {directory} is damaged and cannot be read '
+          f'({type(error).__name__}: {error}). Delete the directory and '
+          'rebuild the table with CalibrationTable.build(...).save(directory).'
+      ) from error
+    if table.content_sha256() != recorded_sha256:
       raise ValueError(
           f'Calibration table in {directory} is corrupt: its arrays do not '
-          'match the recorded SHA-256. Rebuild it.'
+          'match the recorded SHA-256. Delete the directory and rebuild the '
+          'table with CalibrationTable.build(...).save(directory).'
       )
     if expected_identity is not None:
       table.check_identity(expected_identity)

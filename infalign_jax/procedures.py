@@ -170,6 +170,11 @@ def _check_win_rate_args(policy_rewards, ref_rewards, procedure, n) -> None:
   )
   base.check_choice('procedure', procedure, PROCEDURE_NAMES)
   base.check_int_at_least('n', n, 1)
+  if jnp.shape(policy_rewards)[0] < 1:
+    raise ValueError(
+        'policy_rewards and ref_rewards have B=0 prompts; a win rate needs '
+        'at least one prompt (B >= 1).'
+    )
   if procedure == 'standard' and n != 1:
     raise ValueError(
         f"procedure 'standard' samples once, so n must be 1, got n={n}. Use "
@@ -196,15 +201,18 @@ def _weighted_win(policy_rewards, ref_rewards, policy_weights, ref_weights):
   sorted_ref = jnp.sort(ref_rewards, axis=-1)
   policy_weights = jnp.asarray(policy_weights, dtype)
   # Cumulative reference weight below insertion point k: cumulative[k].
-  cumulative = jnp.concatenate(
-      [jnp.zeros((1,), dtype), jnp.cumsum(jnp.asarray(ref_weights, dtype))]
-  )
+  # The weights are summed in float64 on the host and the total scaled to
+  # exactly 1: a float32 cumsum over M = 1e5 weights ends near 1 + 2e-7.
+  cumulative = np.concatenate([[0.0], np.cumsum(ref_weights, dtype=np.float64)])
+  cumulative = jnp.asarray(cumulative / cumulative[-1], dtype)
 
   def one(policy_row, ref_row):
     below = jnp.searchsorted(ref_row, policy_row, side='left')
     below_or_equal = jnp.searchsorted(ref_row, policy_row, side='right')
     score = 0.5 * (cumulative[below] + cumulative[below_or_equal])
-    return jnp.sum(policy_weights * score)
+    # Rounding in the weighted float32 sum can still overshoot 1 by an ulp
+    # or so; the clip keeps every estimate a probability.
+    return jnp.clip(jnp.sum(policy_weights * score), 0.0, 1.0)
 
   return jax.vmap(one)(sorted_policy, sorted_ref)
 
@@ -228,13 +236,15 @@ def win_rate_per_prompt(
     n: samples per procedure call; 1 for 'standard', and S >= n, M >= n.
 
   Returns:
-    [B] unbiased estimates in [0, 1], float32 for float32 input. Under
+    [B] unbiased estimates in [0, 1], float32 for float32 input. Reference
+    weights are accumulated in float64 on the host, and each estimate is
+    clipped to [0, 1] against float32 rounding (at most a few ulps). Under
     `jax.jit` the finiteness check is skipped, and a NaN reward ranks above
     every finite reward.
 
   Raises:
-    ValueError: rank or batch mismatch, an unknown procedure, n < 1, S or
-      M < n, or (outside `jax.jit`) non-finite rewards.
+    ValueError: rank or batch mismatch, B = 0, an unknown procedure, n < 1,
+      S or M < n, or (outside `jax.jit`) non-finite rewards.
   """
   _check_win_rate_args(policy_rewards, ref_rewards, procedure, n)
 

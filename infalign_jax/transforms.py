@@ -15,9 +15,9 @@ References:
   transforms for best-of-N and worst-of-N).
 """
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -136,15 +136,30 @@ def _exp(params: Mapping[str, Any]) -> Transform:
   t = _check_t('exp', params)
   normalize = bool(params.get('normalize', False))
   if normalize:
-    # expm1(t u) / expm1(t) in [0, 1], written as a difference of
-    # exponentials of non-positive numbers, so it stays finite for any t.
-    log_scale = t + math.log(-math.expm1(-t))  # log(e^t - 1)
+    # (e^(t u) - 1) / (e^t - 1) = e^(t (u - 1)) (1 - e^(-t u)) / (1 - e^(-t)).
+    # Both factors are monotone, in [0, 1] and accurate in float32 for any
+    # t > 0: the exponent is never positive, and expm1 keeps the small-t
+    # limit (t u) / t = u free of cancellation.
+    scale = -math.expm1(-t)  # 1 - e^(-t), for the inverse
 
     def fn(u):
-      return jnp.exp(t * u - log_scale) - jnp.exp(-log_scale)
+      u = jnp.asarray(u)
+      # The denominator in u's dtype, by the same operations as the
+      # numerator at u = 1, so that Phi(1) is exactly 1.
+      denominator = -jnp.expm1(-t * jnp.ones_like(u))
+      value = jnp.exp(t * (u - 1.0)) * (-jnp.expm1(-t * u)) / denominator
+      return jnp.minimum(value, 1.0)
 
-    def inverse_fn(v):
-      return jnp.log(v + jnp.exp(-log_scale)) / t + log_scale / t
+    if t < 1.0:
+      # u = 1 + log1p(-(1 - e^(-t)) (1 - v)) / t, without cancellation.
+      def inverse_fn(v):
+        return jnp.clip(1.0 + jnp.log1p(-scale * (1.0 - v)) / t, 0.0, 1.0)
+
+    else:
+      # u = 1 + log(v (1 - e^(-t)) + e^(-t)) / t.
+      def inverse_fn(v):
+        inside = v * scale + math.exp(-t)
+        return jnp.clip(1.0 + jnp.log(inside) / t, 0.0, 1.0)
 
   else:
 

@@ -4,13 +4,14 @@ import functools
 import os
 import tempfile
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from infalign_jax import calibration
 
@@ -189,6 +190,37 @@ class CalibratedRewardsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, message):
       calibration.calibrated_rewards(np.array(rewards), np.array(ref))
 
+  @parameterized.named_parameters(
+      ('m_zero', np.zeros((1, 2), np.float32), np.zeros((1, 0)), 'M=0'),
+      ('complex', np.array([[1j]]), np.array([[1.0 + 0j]]), 'complex128'),
+      ('strings', np.array([['a']]), np.array([['b']]), 'real numeric'),
+      (
+          'int_beyond_float32',
+          np.array([[2**24 + 1]], np.int32),
+          np.array([[float(2**24)]], np.float32),
+          r'beyond 2\*\*24',
+      ),
+  )
+  def test_bad_dtype_or_size(self, rewards, ref, message):
+    with self.assertRaisesRegex(ValueError, message):
+      calibration.calibrated_rewards(rewards, ref)
+
+  def test_bfloat16_accepted(self):
+    ref = jnp.array([[0.125, 0.25, 0.5]], jnp.bfloat16)
+    got = calibration.calibrated_rewards(
+        jnp.array([[0.25, 1.0]], jnp.bfloat16), ref
+    )
+    self.assertEqual(got.dtype, jnp.float32)
+    np.testing.assert_array_equal(got, [[0.5, 1.0]])
+
+  def test_int_beside_float_exact_under_x64(self):
+    with jax.enable_x64(True):
+      got = calibration.calibrated_rewards(
+          np.array([[2**24 + 1]], np.int32),
+          np.array([[float(2**24)]], np.float32),
+      )
+    np.testing.assert_array_equal(got, [[1.0]])
+
   def test_bad_method(self):
     with self.assertRaisesRegex(ValueError, "Unknown method 'binary'"):
       calibration.calibrated_rewards(
@@ -244,7 +276,8 @@ class CalibrationTableTest(parameterized.TestCase):
     np.testing.assert_array_equal(
         self.table.sorted_rewards, [[1.0, 3.0], [2.0, 2.0], [-1.0, 0.0]]
     )
-    self.assertEqual(self.table.sorted_rewards.dtype, np.float32)
+    # float64 input stays float64; float32 input stays float32.
+    self.assertEqual(self.table.sorted_rewards.dtype, np.float64)
     self.assertEqual(self.table.identity['M'], 2)
     self.assertEqual(self.table.num_reference, 2)
 
@@ -318,6 +351,46 @@ class CalibrationTableTest(parameterized.TestCase):
         np.zeros((3, 2), np.float32),
     )
     with self.assertRaisesRegex(ValueError, 'corrupt'):
+      calibration.CalibrationTable.load(directory)
+
+  def test_float64_rows_keep_their_dtype(self):
+    # 1 + 1.5e-9 lies between the middle two rows values; float32 would
+    # round all five numbers to 1.
+    ref = np.array([[1.0, 1.0 + 1e-9, 1.0 + 2e-9, 1.0 + 3e-9]])
+    table = calibration.CalibrationTable.build(ref, np.array([7]), {})
+    self.assertEqual(table.sorted_rewards.dtype, np.float64)
+    directory = os.path.join(self._tempdir(), 'table')
+    table.save(directory)
+    loaded = calibration.CalibrationTable.load(directory)
+    self.assertEqual(loaded.sorted_rewards.dtype, np.float64)
+    with jax.enable_x64(True):
+      got = calibration.calibrated_rewards(
+          np.array([[1.0 + 1.5e-9]]), loaded.rows([0])
+      )
+    np.testing.assert_array_equal(got, [[0.5]])
+
+  @parameterized.named_parameters(
+      ('garbled_json', 'identity.json', b'{broken'),
+      ('garbage_rows', 'sorted_rewards.npy', b'garbage'),
+      ('missing_ids', 'prompt_ids.npy', None),
+      ('truncated_rows', 'sorted_rewards.npy', 'truncate'),
+      ('no_checksum', 'identity.json', b'{"identity": {}}'),
+  )
+  def test_damaged_table_names_directory_and_fix(self, name, content):
+    directory = os.path.join(self._tempdir(), 'table')
+    self.table.save(directory)
+    path = os.path.join(directory, name)
+    if content is None:
+      os.remove(path)
+    elif content == 'truncate':
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - 4)
+    else:
+      with open(path, 'wb') as f:
+        f.write(content)
+    with self.assertRaisesRegex(
+        ValueError, f'{directory} is damaged.*Delete the directory and rebuild'
+    ):
       calibration.CalibrationTable.load(directory)
 
   def test_load_missing(self):

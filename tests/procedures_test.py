@@ -3,13 +3,14 @@
 import functools
 import itertools
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from infalign_jax import procedures
 
@@ -186,12 +187,24 @@ class WinRateTest(parameterized.TestCase):
       ('n_zero', (2, 3), (2, 3), 'bon', 0, 'n must be an integer >= 1'),
       ('batch', (2, 3), (3, 3), 'standard', 1, 'Batch sizes differ'),
       ('rank', (3,), (2, 3), 'standard', 1, 'policy_rewards must have rank 2'),
+      ('no_prompts', (0, 2), (0, 2), 'standard', 1, 'B=0 prompts'),
   )
   def test_bad_input(self, policy_shape, ref_shape, procedure, n, message):
     with self.assertRaisesRegex(ValueError, message):
       procedures.win_rate(
           np.zeros(policy_shape), np.zeros(ref_shape), procedure, n
       )
+
+  @parameterized.parameters(('standard', 1), ('bon', 3), ('won', 3))
+  def test_all_wins_is_exactly_one_in_float32(self, procedure, n):
+    # A float32 cumsum of 1e5 weights of 1e-5 ends near 1 + 2e-7.
+    rng = np.random.default_rng(0)
+    policy = rng.random((2, 7)).astype(np.float32) + 2.0
+    ref = rng.random((2, 100_000)).astype(np.float32)
+    win, _ = procedures.win_rate(policy, ref, procedure, n)
+    lose, _ = procedures.win_rate(ref, policy, procedure, n)
+    self.assertEqual(float(win), 1.0)
+    self.assertEqual(float(lose), 0.0)
 
   def test_rejects_nan(self):
     with self.assertRaisesRegex(ValueError, 'ref_rewards contains'):

@@ -1,12 +1,16 @@
 """Tests for infalign_jax.transforms."""
 
+import math
+
+from absl.testing import absltest
+from absl.testing import parameterized
 import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 import jax
+from jax import test_util as jtu
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
-from hypothesis import strategies as st
-from jax import test_util as jtu
 
 from infalign_jax import transforms
 
@@ -131,6 +135,26 @@ class MakeTransformTest(parameterized.TestCase):
     lo, hi = min(a, b), max(a, b)
     values = np.asarray(transform(np.array([lo, hi], np.float64)))
     self.assertLessEqual(values[0], values[1])
+
+  @hypothesis.settings(max_examples=60, deadline=None)
+  @hypothesis.given(
+      log10_t=st.floats(-8.0, math.log10(200.0)),
+      u=hnp.arrays(np.float32, 6, elements=st.floats(0.0, 1.0, width=32)),
+  )
+  def test_normalized_exp_float32_monotone_in_unit_range(self, log10_t, u):
+    t = 10.0**log10_t
+    u = np.sort(np.concatenate([u, np.array([0.0, 1.0], np.float32)]))
+    values = np.asarray(
+        transforms.make_transform('exp', t=t, normalize=True)(jnp.asarray(u))
+    )
+    self.assertEqual(values.dtype, np.float32)
+    self.assertTrue(np.all(np.diff(values) >= 0), values)
+    self.assertEqual(values[0], 0.0)
+    self.assertEqual(values[-1], 1.0)
+    self.assertTrue(np.all((values >= 0) & (values <= 1)), values)
+    # Against float64 expm1(t u) / expm1(t): a few float32 ulps.
+    want = np.expm1(t * u.astype(np.float64)) / np.expm1(t)
+    np.testing.assert_allclose(values, want, rtol=2e-6, atol=1e-7)
 
   @parameterized.named_parameters(
       ('unknown', ('power',), {}, "Unknown transform 'power'"),
