@@ -26,6 +26,7 @@ the trained policy (which adds the optimization error).
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -340,7 +341,7 @@ def _train_method(
       ),
       frozen=frozen,
       table_identity={'kind': 'bandit_exact_table', 'sha256': table_sha},
-      save_every=config.num_steps,
+      save_every=config.save_every,
       log_every=config.log_every,
   )
 
@@ -371,6 +372,13 @@ def _format_markdown(rows: list[dict[str, Any]], config) -> str:
           ' |'
       )
   return '\n'.join(lines) + '\n'
+
+
+def _write_text_atomic(path: epath.Path, text: str) -> None:
+  """Write `text` to `path` through a temporary file and a rename."""
+  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
@@ -442,7 +450,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
       'rows': rows,
   }
   common.write_json_atomic(workdir / REPORT_JSON, report)
-  (workdir / REPORT_MARKDOWN).write_text(_format_markdown(rows, config))
+  _write_text_atomic(workdir / REPORT_MARKDOWN, _format_markdown(rows, config))
   if not passed:
     logging.warning(
         'Bandit check failed: max error %.4f > tolerance %.4f; see %s.',

@@ -23,6 +23,7 @@ def _reduced_config():
   config.num_steps = 250
   config.learning_rate = 0.2
   config.log_every = 125
+  config.save_every = 125
   config.tolerance = _REDUCED_TOLERANCE
   return config
 
@@ -43,6 +44,15 @@ def test_reduced_bandit_matches_analysis(tmp_path):
       '| exp_bon4 | 0.2 | bon_win_rate |'
       in (tmp_path / bandit.REPORT_MARKDOWN).read_text()
   )
+  # Periodic saves: a killed run resumes from step 125, not from 0.
+  for name in rows:
+    saved = sorted(
+        int(path.name)
+        for path in (tmp_path / name / 'checkpoints').iterdir()
+        if path.name.isdigit()
+    )
+    assert saved == [125, 250], (name, saved)
+  assert not list(tmp_path.glob('.*tmp*'))
   written = json.loads((tmp_path / common.SUMMARY_FILE).read_text())
   assert written['final_params_sha256'] == summary['final_params_sha256']
 

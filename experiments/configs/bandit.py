@@ -85,6 +85,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.tolerance = 0.01
   # Log and write metrics every this many steps.
   config.log_every = 500
+  # Save a checkpoint every this many steps (and at the last step), so a
+  # killed run loses at most this many steps of the current method.
+  config.save_every = 250
 
   # The methods to train and check.
   config.methods = [
@@ -97,4 +100,5 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   if smoke:
     config.num_steps = 20
     config.log_every = 10
+    config.save_every = 10
   return config
