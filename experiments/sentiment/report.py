@@ -110,7 +110,7 @@ def compare_at_matched_kl(
         'statement': (
             f'{name}: no matched KL. Every {challenger} run lies outside the '
             f'{baseline} KL range {kl_range} nats, and the curves are not '
-            'extrapolated; widen the beta sweep.'
+            'extrapolated; widen config.rl.kl_targets.'
         ),
     }
   z_scores = [point['standard_errors'] for point in points]
