@@ -4,6 +4,7 @@ import collections
 import hashlib
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,6 +237,40 @@ class BuildTest(absltest.TestCase):
     self.assertEqual(
         {p.name: p.stat().st_mtime_ns for p in version_dir.iterdir()}, mtimes
     )
+
+  def _check_damage_is_reported(self, damage):
+    """Damages a built dataset; checks the error, then the advised fix."""
+    vader_ratings.build(self.data_dir, archive_sha256=self.sha256)
+    version_dir = self.data_dir / 'vader_ratings' / '1.0.0'
+    damage(version_dir)
+    with self.assertRaisesRegex(
+        vader_ratings.DatasetDamagedError,
+        f'{version_dir} cannot be read.*Delete that folder.*'
+        f'python -m infalign_jax.data.fetch --data_dir={self.data_dir}',
+    ):
+      vader_ratings.load_examples(
+          'train', self.data_dir, archive_sha256=self.sha256
+      )
+    shutil.rmtree(version_dir)
+    self.assertNotEmpty(
+        vader_ratings.load_examples(
+            'train', self.data_dir, archive_sha256=self.sha256
+        )
+    )
+
+  def test_truncated_array_record_is_reported(self):
+    def truncate(version_dir):
+      (path,) = version_dir.glob('*-train.array_record*')
+      with open(path, 'r+b') as f:
+        f.truncate(path.stat().st_size // 2)
+
+    self._check_damage_is_reported(truncate)
+
+  def test_garbled_dataset_info_is_reported(self):
+    def garble(version_dir):
+      (version_dir / 'dataset_info.json').write_text('{x')
+
+    self._check_damage_is_reported(garble)
 
   def test_missing_archive_names_fetch_command(self):
     empty_dir = _tempdir(self)

@@ -3,6 +3,7 @@
 from infalign_jax.data.vader_ratings.vader_ratings import (
     SPLITS,
     SUBSETS,
+    DatasetDamagedError,
     VaderRatings,
     build,
     load,
@@ -16,6 +17,7 @@ from infalign_jax.data.vader_ratings.vader_ratings import (
 __all__ = (
     'SPLITS',
     'SUBSETS',
+    'DatasetDamagedError',
     'VaderRatings',
     'build',
     'load',

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from google.protobuf import json_format
 
 from infalign_jax.data import fetch
 
@@ -295,6 +296,62 @@ class VaderRatings(tfds.core.GeneratorBasedBuilder):
       yield example['id'], example
 
 
+class DatasetDamagedError(ValueError):
+  """A built dataset folder exists but its files cannot be read."""
+
+
+# Errors seen from a damaged dataset folder: json_format.ParseError for a
+# garbled dataset_info.json, RuntimeError for a truncated or missing
+# array_record file. ValueError and OSError cover other unreadable files.
+_READ_ERRORS = (json_format.Error, ValueError, RuntimeError, OSError)
+
+
+def _dataset_folder(data_dir: pathlib.Path) -> pathlib.Path:
+  return data_dir / VaderRatings.name / str(VaderRatings.VERSION)
+
+
+def _damaged(
+    data_dir: pathlib.Path, error: Exception | str
+) -> DatasetDamagedError:
+  folder = _dataset_folder(data_dir)
+  if isinstance(error, Exception):
+    error = f'{type(error).__name__}: {error}'
+  return DatasetDamagedError(
+      f'The built dataset in {folder} cannot be read ({error}). Delete '
+      f'that folder (rm -r {folder}) and run again: loading rebuilds it '
+      f'from the archive in {data_dir / "downloads"}, which '
+      f'`{fetch.fetch_command(data_dir)}` fetches if it is missing. To '
+      f'rebuild right away, call infalign_jax.data.vader_ratings.build('
+      f"'{data_dir}')."
+  )
+
+
+def _check_records(
+    data_dir: pathlib.Path, indices: Sequence[int], records: Sequence[Any]
+) -> None:
+  """Raises DatasetDamagedError if a record came back empty."""
+  # A truncated small array_record file can read back as records whose
+  # features are all None, with no error from the reader.
+  for index, record in zip(indices, records):
+    if not isinstance(record, Mapping) or record.get('id') is None:
+      raise _damaged(data_dir, f'record {index} of the split is empty')
+
+
+def _open_builder(
+    data_dir: pathlib.Path, archive_sha256: str | None
+) -> VaderRatings:
+  """Creates the builder; a damaged dataset folder raises DatasetDamagedError."""
+  try:
+    builder = VaderRatings(data_dir=data_dir, archive_sha256=archive_sha256)
+    builder.is_prepared()
+  except _READ_ERRORS as e:
+    # Without a dataset folder the error has another cause: re-raise it.
+    if not _dataset_folder(data_dir).exists():
+      raise
+    raise _damaged(data_dir, e) from e
+  return builder
+
+
 @contextlib.contextmanager
 def _build_lock(data_dir: pathlib.Path) -> Iterator[None]:
   """Holds an exclusive file lock, so concurrent builds take turns."""
@@ -334,9 +391,11 @@ def build(
   Raises:
     fetch.ArchiveMissingError: the archive has not been fetched.
     fetch.ArchiveDamagedError: the archive or its files are not as expected.
+    DatasetDamagedError: `DATA_DIR/vader_ratings/1.0.0` exists but its
+      metadata cannot be read; the message says to delete the folder.
   """
   data_dir = pathlib.Path(data_dir)
-  builder = VaderRatings(data_dir=data_dir, archive_sha256=archive_sha256)
+  builder = _open_builder(data_dir, archive_sha256)
   if builder.is_prepared():
     return builder
   fetch.ensure_archive(
@@ -345,7 +404,7 @@ def build(
 
   with _build_lock(data_dir):
     # Another process may have finished the build while this one waited.
-    builder = VaderRatings(data_dir=data_dir, archive_sha256=archive_sha256)
+    builder = _open_builder(data_dir, archive_sha256)
     if builder.is_prepared():
       return builder
     for leftover in (data_dir / VaderRatings.name).glob('incomplete.*'):
@@ -373,9 +432,22 @@ def load(
   Returns:
     A TFDS data source: `len()` and integer indexing return example dicts
     whose text features are UTF-8 bytes.
+
+  Raises:
+    DatasetDamagedError: the built dataset cannot be read. The first and the
+      last example of the split are read here to check that its files open;
+      damage in the middle of a file shows only when that record is read.
   """
+  data_dir = pathlib.Path(data_dir)
   builder = build(data_dir, archive_sha256=archive_sha256)
-  return builder.as_data_source(split=split)
+  try:
+    source = builder.as_data_source(split=split)
+    probe = [0, len(source) - 1] if len(source) else []
+    records = source.__getitems__(probe)
+  except _READ_ERRORS as e:
+    raise _damaged(data_dir, e) from e
+  _check_records(data_dir, probe, records)
+  return source
 
 
 def load_examples(
@@ -399,14 +471,22 @@ def load_examples(
 
   Raises:
     ValueError: `subsets` names an unknown subset.
+    DatasetDamagedError: the built dataset cannot be read.
   """
   if subsets is not None:
     unknown = sorted(set(subsets) - set(SUBSETS))
     if unknown:
       raise ValueError(f'Unknown subsets {unknown}; valid names: {SUBSETS}.')
+  data_dir = pathlib.Path(data_dir)
   source = load(split, data_dir, archive_sha256=archive_sha256)
+  indices = list(range(len(source)))
+  try:
+    records = source.__getitems__(indices)
+  except _READ_ERRORS as e:
+    raise _damaged(data_dir, e) from e
+  _check_records(data_dir, indices, records)
   examples = []
-  for example in source.__getitems__(list(range(len(source)))):
+  for example in records:
     example = {
         key: value.decode('utf-8') if isinstance(value, bytes) else value
         for key, value in example.items()
