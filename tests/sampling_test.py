@@ -247,7 +247,7 @@ class SampleTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, named + r'.*\[0, V=6\)'):
       _sample(jax.random.key(0), self.params, **override)
 
-  def test_legacy_key_and_lists_match_typed_key_and_arrays(self):
+  def test_legacy_key_and_lists_accepted(self):
     out = _sample(jax.random.key(3), self.params)
     legacy = _sample(
         jax.random.PRNGKey(3),
