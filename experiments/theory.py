@@ -8,10 +8,14 @@ with no sampling or training. Outputs in the workdir:
   neg_exp_t<t> and optimal (the fixed-point optimum at each beta).
 * chosen_t.csv, chosen_t.json: the t that maximizes the procedure's win rate
   at each KL budget, its beta and win rate, beside the identity transform's
-  win rate at the same KL.
+  win rate at the same KL. `at_limit` is 'low' or 'high' when the best t
+  sits at that end of config.t_range (the optimum may lie outside it; a
+  warning is logged), else empty.
 * bon_points.json: for each N, the best-of-N policy itself (log transform at
-  beta = 1 / (N - 1)): KL = log N - (N - 1)/N, W_1 = N/(N + 1), and its
-  best-of-N and worst-of-N win rates.
+  beta = 1 / (N - 1)): KL = log N - (N - 1)/N and W_1 = N/(N + 1) in closed
+  form, the same two computed by the analysis (`kl_analysis`,
+  `win_rate_standard_analysis`), and its best-of-N and worst-of-N win
+  rates.
 * tradeoff_<procedure>.png (one panel per N) and tradeoff_standard.png.
 
 Launch: see experiments/configs/theory.py.
@@ -24,20 +28,18 @@ import os
 import time
 from typing import Any
 
-import matplotlib
 from absl import logging
 from etils import epath
+import matplotlib
 
 matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
 
 from experiments import common  # noqa: E402
-from infalign_jax import (
-    analysis,  # noqa: E402
-    transforms,  # noqa: E402
-)
+from infalign_jax import analysis  # noqa: E402
+from infalign_jax import transforms  # noqa: E402
 
 _PROCEDURE_TITLES = {
     'bon': 'best-of-N',
@@ -54,6 +56,7 @@ _CHOSEN_FIELDS = (
     'beta',
     'win_rate',
     'win_rate_identity',
+    'at_limit',
 )
 
 
@@ -185,7 +188,7 @@ def _chosen_t(config) -> list[dict[str, Any]]:
             {'procedure': procedure, 'n': n, 'kl_budget': budget, **chosen}
         )
         logging.info(
-            '%s N=%d KL=%g: t=%.3g beta=%.3g win rate %.4f (identity %.4f)',
+            '%s N=%d KL=%g: t=%.3g beta=%.3g win rate %.4f (identity %.4f)%s',
             procedure,
             n,
             budget,
@@ -193,6 +196,9 @@ def _chosen_t(config) -> list[dict[str, Any]]:
             chosen['beta'],
             chosen['win_rate'],
             chosen['win_rate_identity'],
+            ''
+            if chosen['at_limit'] is None
+            else f' AT THE {chosen["at_limit"].upper()} END OF t_range',
         )
   return rows
 
@@ -210,6 +216,10 @@ def _bon_points(config) -> list[dict[str, Any]]:
             'n': n,
             'kl': math.log(n) - (n - 1) / n,
             'win_rate_standard': n / (n + 1),
+            'kl_analysis': None if predicted is None else predicted['kl'],
+            'win_rate_standard_analysis': None
+            if predicted is None
+            else predicted['win_rate_standard'],
             'win_rate_bon': None
             if predicted is None
             else predicted['win_rate_bon'],

@@ -16,18 +16,25 @@ sampling: F). The win rate of g(pi) over g(pi_ref) is 1 - ∫ g(Q(u)) g'(u) du,
 so any user-supplied map g works, and the three formulas above are special
 cases.
 
-Numerics: densities live on a uniform grid of `num_points` nodes on [0, 1]
-with trapezoid weights. Q is the cumulative trapezoid sum, so the same
-quadrature defines the KL, the win rates and (through `jax.grad`) the optimal
-transform. Every function here runs in float64 under `jax.enable_x64` and
-normalizes with a weighted log-sum-exp. So exp(t u) / beta stays finite for
-t up to 200 and beta down to 1e-3: the largest logit, e^200 / 1e-3, is about
-7e89, far below the float64 limit of 1.8e308. A density narrower than one
-grid cell collapses onto the top node, so the KL saturates near
-log(2 (num_points - 1)) instead of growing without bound. With the default
-16385 nodes, KL and win rates match the closed forms of the identity, log
-and power-family tilts to within 4e-6 (the largest error in the tests is
-3.1e-6).
+Numerics: the grid has `num_points` uniform nodes plus nodes spaced
+geometrically towards 0 and 1 (cells 1% of the distance to the end, down to
+1e-14), where tilted densities concentrate. log q is taken piecewise linear
+between nodes and every cell is integrated exactly in log space, so the
+mass, the KL and the CDF Q at the nodes are exact for the identity at any
+beta, and a density far narrower than the finest cell (exp with t = 200 at
+beta = 1e-3 is 1e-92 wide, KL 211) still gets its exact mass and KL.
+Win rates integrate g(Q(u)) g'(u) by the trapezoid rule on the same grid.
+Everything runs in float64 under `jax.enable_x64` from logits shifted by
+their maximum, so exp(t u) / beta stays finite for t up to 700. With the
+default 16385 nodes the KL and win rates match the closed forms of the
+identity (beta down to 1e-4), log and power-family tilts to within 5e-7
+(the tests allow 1e-5). For densities that live within ~1e-13 of an end
+the float64 rounding of u (nodes 1e-16 apart) and of Phi limits the
+accuracy: the KL of exp(20 u) at beta = 1e-3 is off by about 1e-5, that of
+exp(200 u) by about 1e-3 (out of 211).
+
+The optimal-transform iteration (`solve_optimal`) keeps a uniform grid with
+trapezoid weights, so that R = dW/dq is the gradient of one quadrature.
 
 Public functions are host-side tools: they take Python numbers or NumPy
 arrays and return Python floats or NumPy float64 arrays.
@@ -38,16 +45,17 @@ References:
   transform as a fixed point, choosing t for exponential transforms).
 """
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+import numbers
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from infalign_jax import base
 from infalign_jax import transforms as transforms_lib
@@ -171,10 +179,40 @@ def _check_num_points(num_points: int) -> None:
   base.check_int_at_least('num_points', num_points, 3)
 
 
-def _phi_on_grid(transform: TransformLike, num_points: int) -> jax.Array:
-  """Evaluate Phi on the grid in float64 and reject non-finite values."""
+# The grid: `num_points` uniform nodes, plus nodes spaced geometrically
+# towards both ends, where a tilted density concentrates. Within distance
+# v* = h / _REFINE_STEP of an end (h the uniform spacing) cells are
+# _REFINE_STEP * v wide at distance v, down to _REFINE_MIN from the end.
+_REFINE_STEP = 0.01
+_REFINE_MIN = 1e-14
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(num_points: int) -> np.ndarray:
+  """Return the sorted float64 nodes of the refined grid on [0, 1]."""
+  uniform = np.linspace(0.0, 1.0, num_points)
+  edge = min(1.0 / ((num_points - 1) * _REFINE_STEP), 0.5)
+  count = int(math.ceil(math.log(edge / _REFINE_MIN) / _REFINE_STEP))
+  distances = edge * np.exp(-_REFINE_STEP * np.arange(1, count + 1))
+  distances = distances[distances >= _REFINE_MIN]
+  middle = uniform[(uniform > edge) & (uniform < 1.0 - edge)]
+  nodes = np.concatenate(
+      [[0.0, edge, 1.0 - edge, 1.0], distances, 1.0 - distances, middle]
+  )
+  # Near 1 nodes 1e-14 apart round onto the same float64; keep one each.
+  return np.unique(nodes)
+
+
+def _grid_size(num_points: int) -> int:
+  return _grid(num_points).shape[0]
+
+
+def _phi_on_grid(
+    transform: TransformLike, num_points: int
+) -> tuple[jax.Array, jax.Array]:
+  """Return (u, Phi(u)) on the refined grid in float64; reject non-finite."""
   transform = _as_transform(transform)
-  u = jnp.linspace(0.0, 1.0, num_points, dtype=jnp.float64)
+  u = jnp.asarray(_grid(num_points), jnp.float64)
   phi = jnp.asarray(transform(u), jnp.float64)
   if phi.shape != u.shape:
     raise ValueError(
@@ -193,12 +231,17 @@ def _phi_on_grid(transform: TransformLike, num_points: int) -> jax.Array:
     )
   if not bool(jnp.any(jnp.isfinite(phi))):
     raise ValueError(f'Transform {transform!r} is -inf everywhere on [0, 1].')
-  return phi
+  return u, phi
 
 
 def _betas(beta) -> tuple[np.ndarray, bool]:
   """Return beta as a 1-D float64 array, and whether the input was scalar."""
-  values = np.asarray(beta, np.float64)
+  try:
+    values = np.asarray(beta, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f'beta must be a number > 0 or a 1-D sequence of them, got {beta!r}.'
+    ) from None
   if values.ndim > 1:
     raise ValueError(f'beta must be a scalar or 1-D, got shape {values.shape}.')
   base.check_positive('beta', values)
@@ -211,7 +254,98 @@ def _unbatch(values: np.ndarray, scalar: bool):
 
 
 # ---------------------------------------------------------------------------
-# Quadrature on the grid. Every function below takes float64 arrays.
+# Quadrature on the refined grid. Every function below takes float64 arrays.
+#
+# log q is taken piecewise linear between nodes, and each cell is integrated
+# exactly: a cell of width h whose log-density falls by x from its high end
+# `hi` holds mass h e^hi (1 - e^-x) / x. This is exact for the identity at
+# any beta, and a density far narrower than a cell (exp with t = 200 at
+# beta = 1e-3 is 1e-92 wide) still gets its exact mass and KL. Everything is
+# computed from log masses, so nothing overflows or underflows to NaN.
+
+
+def _log_phi(x: jax.Array) -> jax.Array:
+  """log((1 - e^-x) / x) for x >= 0 (x = inf gives -inf)."""
+  small = x < 1e-8
+  safe = jnp.where(small, 1.0, x)
+  return jnp.where(small, -0.5 * x, jnp.log(-jnp.expm1(-safe)) - jnp.log(safe))
+
+
+def _mean_drop(x: jax.Array) -> jax.Array:
+  """Mean fall of log q below its high end within a cell: 1 - x / expm1(x)."""
+  small = x < 1e-8
+  large = x > 700.0
+  safe = jnp.where(small | large, 1.0, x)
+  return jnp.where(
+      small, 0.5 * x, jnp.where(large, 1.0, 1.0 - safe / jnp.expm1(safe))
+  )
+
+
+def _tilt(phi: jax.Array, beta: jax.Array, u: jax.Array):
+  """Tilt by exp(phi / beta) on the grid u.
+
+  Returns:
+    (cdf [G] at the nodes, ending at exactly 1; KL).
+  """
+  # Shift by the maximum before dividing: logits of 1e89 would swallow the
+  # log of the cell widths in the log-sum-exp.
+  logits = (phi - jnp.max(phi)) / beta
+  h = u[1:] - u[:-1]
+  a, b = logits[:-1], logits[1:]
+  hi = jnp.maximum(a, b)
+  lo = jnp.minimum(a, b)
+  x = jnp.where(lo == -jnp.inf, jnp.inf, hi - lo)
+  log_mass = jnp.log(h) + hi + _log_phi(x)
+  log_z = jax.nn.logsumexp(log_mass)
+  p = jnp.exp(log_mass - log_z)
+  mean_log_q = hi - _mean_drop(x) - log_z
+  kl = jnp.sum(jnp.where(p > 0, p * mean_log_q, 0.0))
+  cdf = jnp.concatenate([jnp.zeros((1,), p.dtype), jnp.cumsum(p)])
+  # Dividing by the last value makes the CDF end at exactly 1 and stay in
+  # [0, 1], so rounding never gives (1 - cdf)^n a negative base.
+  cdf = cdf / cdf[-1]
+  return cdf, kl
+
+
+def _win_of_cdf(
+    cdf: jax.Array, u: jax.Array, kind: CdfKind, n: jax.Array
+) -> jax.Array:
+  """1 - ∫ g(Q(u)) g'(u) du by the trapezoid rule on the grid."""
+  g_prime = jax.vmap(jax.grad(kind), in_axes=(0, None))(u, n)
+  f = kind(cdf, n) * g_prime
+  h = u[1:] - u[:-1]
+  return 1.0 - jnp.sum(0.5 * h * (f[1:] + f[:-1]))
+
+
+@functools.partial(jax.jit, static_argnames=('kinds',))
+def _metrics(
+    phi: jax.Array,
+    betas: jax.Array,
+    ns: jax.Array,
+    u: jax.Array,
+    kinds: tuple[CdfKind, ...],
+):
+  """Return KL [K] and win rates [len(kinds), K] for betas [K]."""
+
+  def one(beta):
+    cdf, kl_value = _tilt(phi, beta, u)
+    wins = jnp.stack(
+        [_win_of_cdf(cdf, u, kind, ns[i]) for i, kind in enumerate(kinds)]
+    )
+    return kl_value, wins
+
+  kls, wins = jax.vmap(one)(betas)
+  return kls, wins.T
+
+
+@jax.jit
+def _kl_at(phi: jax.Array, beta: jax.Array, u: jax.Array) -> jax.Array:
+  return _tilt(phi, beta, u)[1]
+
+
+# ---------------------------------------------------------------------------
+# Uniform-grid quadrature for the fixed-point iteration of the optimal
+# transform, where R = dW/dq comes from jax.grad of the trapezoid sums.
 
 
 def _weights(num_points: int) -> jax.Array:
@@ -221,8 +355,6 @@ def _weights(num_points: int) -> jax.Array:
 
 
 def _log_density(phi: jax.Array, beta: jax.Array, w: jax.Array) -> jax.Array:
-  # Shift by the maximum before dividing: logits of 1e89 would swallow the
-  # log of the quadrature weight in the log-sum-exp.
   logits = (phi - jnp.max(phi)) / beta
   return logits - jax.nn.logsumexp(logits, b=w)
 
@@ -244,43 +376,8 @@ def _win_of_density(
   u = jnp.linspace(0.0, 1.0, q.shape[0], dtype=q.dtype)
   g_prime = jax.vmap(jax.grad(kind), in_axes=(0, None))(u, n)
   cdf = _cdf(q)
-  # Dividing by the last value makes the CDF end at exactly 1 and stay in
-  # [0, 1], so rounding never gives (1 - cdf)^n a negative base.
   cdf = cdf / cdf[-1]
   return 1.0 - jnp.sum(w * kind(cdf, n) * g_prime)
-
-
-@functools.partial(jax.jit, static_argnames=('kinds',))
-def _metrics(
-    phi: jax.Array,
-    betas: jax.Array,
-    ns: jax.Array,
-    kinds: tuple[CdfKind, ...],
-):
-  """Return KL [K] and win rates [len(kinds), K] for betas [K]."""
-  w = _weights(phi.shape[0])
-
-  def one(beta):
-    log_q = _log_density(phi, beta, w)
-    q = jnp.exp(log_q)
-    wins = jnp.stack(
-        [_win_of_density(q, kind, ns[i], w) for i, kind in enumerate(kinds)]
-    )
-    return _kl_of_log_density(log_q, w), wins
-
-  kls, wins = jax.vmap(one)(betas)
-  return kls, wins.T
-
-
-@jax.jit
-def _density(phi: jax.Array, beta: jax.Array) -> jax.Array:
-  return jnp.exp(_log_density(phi, beta, _weights(phi.shape[0])))
-
-
-@jax.jit
-def _kl_at(phi: jax.Array, beta: jax.Array) -> jax.Array:
-  w = _weights(phi.shape[0])
-  return _kl_of_log_density(_log_density(phi, beta, w), w)
 
 
 # ---------------------------------------------------------------------------
@@ -311,9 +408,12 @@ def tilted_density(
   if betas.size != 1:
     raise ValueError('tilted_density takes one beta.')
   with jax.enable_x64(True):
-    phi = _phi_on_grid(transform, num_points)
-    q = _density(phi, jnp.float64(betas[0]))
-    return np.linspace(0.0, 1.0, num_points), np.asarray(q)
+    _, phi = _phi_on_grid(transform, num_points)
+    u = np.linspace(0.0, 1.0, num_points)
+    phi = jnp.asarray(_as_transform(transform)(jnp.asarray(u)), jnp.float64)
+    w = _weights(num_points)
+    q = jnp.exp(_log_density(phi, jnp.float64(betas[0]), w))
+    return u, np.asarray(q)
 
 
 def kl(
@@ -380,11 +480,11 @@ def win_rate_and_kl(
   betas, scalar = _betas(beta)
   kind, n_value = _procedure_kind(procedure, n)
   with jax.enable_x64(True):
-    phi = _phi_on_grid(transform, num_points)
+    u, phi = _phi_on_grid(transform, num_points)
     kls, wins = _metrics(
-        phi, jnp.asarray(betas), jnp.asarray([n_value]), (kind,)
+        phi, jnp.asarray(betas), jnp.asarray([n_value]), u, (kind,)
     )
-    return _unbatch(wins[0], scalar), _unbatch(kls, scalar)
+  return _unbatch(wins[0], scalar), _unbatch(kls, scalar)
 
 
 def predict(
@@ -415,8 +515,8 @@ def predict(
   kinds = (_standard_kind, _bon_kind, _won_kind)
   ns = [1.0, float(n), float(n)]
   with jax.enable_x64(True):
-    phi = _phi_on_grid(transform, num_points)
-    kls, wins = _metrics(phi, jnp.asarray(betas), jnp.asarray(ns), kinds)
+    u, phi = _phi_on_grid(transform, num_points)
+    kls, wins = _metrics(phi, jnp.asarray(betas), jnp.asarray(ns), u, kinds)
     wins = np.asarray(wins)
     return {
         'kl': _unbatch(kls, scalar),
@@ -456,17 +556,27 @@ def tradeoff_curve(
 # ---------------------------------------------------------------------------
 # Matching a KL budget.
 
-# Bisection on log(beta / spread of Phi) over [-_LOG_RANGE, _LOG_RANGE]. At
-# the upper end the tilt is below 1e-12 (KL ~ 1e-25); at the lower end the
-# density is one grid cell wide.
-_LOG_RANGE = 28.0
-_BISECTION_STEPS = 80
+# Bisection on log beta over [log(spread) - _LOG_RANGE_LOW,
+# log(spread) + _LOG_RANGE_HIGH], spread = max Phi - min Phi. At the upper
+# end the tilt is below 1e-12 (KL ~ 1e-25). The lower end, beta = spread *
+# e^-700 (floored at 1e-300), lies far below any beta a float64 tilt can
+# tell from 0, so the bisection never stops on it before the KL target: a
+# target out of reach shows as a KL mismatch, which the callers check.
+_LOG_RANGE_HIGH = 28.0
+_LOG_RANGE_LOW = 700.0
+_LOG_BETA_FLOOR = math.log(1e-300)
+_BISECTION_STEPS = 90
+
+# No tilt of a float64 grid reaches this KL (the finest cell is 1e-16 wide
+# and the steepest log-density slope about 1e308).
+_KL_CEILING = 700.0
 
 
 @jax.jit
-def _beta_for_kl_batch(phis: jax.Array, target: jax.Array) -> jax.Array:
+def _beta_for_kl_batch(
+    phis: jax.Array, target: jax.Array, u: jax.Array
+) -> jax.Array:
   """Return beta [K] with KL(phis[k], beta) = target, by bisection."""
-  w = _weights(phis.shape[1])
 
   def one(phi):
     finite = jnp.isfinite(phi)
@@ -476,7 +586,7 @@ def _beta_for_kl_batch(phis: jax.Array, target: jax.Array) -> jax.Array:
     log_spread = jnp.log(jnp.maximum(spread, 1e-300))
 
     def kl_at(log_beta):
-      return _kl_of_log_density(_log_density(phi, jnp.exp(log_beta), w), w)
+      return _tilt(phi, jnp.exp(log_beta), u)[1]
 
     def step(_, bounds):
       lo, hi = bounds
@@ -489,16 +599,23 @@ def _beta_for_kl_batch(phis: jax.Array, target: jax.Array) -> jax.Array:
         0,
         _BISECTION_STEPS,
         step,
-        (log_spread - _LOG_RANGE, log_spread + _LOG_RANGE),
+        (
+            jnp.maximum(log_spread - _LOG_RANGE_LOW, _LOG_BETA_FLOOR),
+            log_spread + _LOG_RANGE_HIGH,
+        ),
     )
     return jnp.exp(0.5 * (lo + hi))
 
   return jax.vmap(one)(phis)
 
 
-def _max_kl(num_points: int) -> float:
-  """KL of the density concentrated on the top node, the grid's maximum."""
-  return math.log(2.0 * (num_points - 1))
+def _check_kl_target(name: str, value: float) -> None:
+  base.check_positive(name, value)
+  if value >= _KL_CEILING:
+    raise ValueError(
+        f'{name}={value} is beyond what a float64 tilt can reach (KL < '
+        f'{_KL_CEILING:g} nats); use a smaller value.'
+    )
 
 
 def beta_for_kl(
@@ -509,15 +626,16 @@ def beta_for_kl(
 ) -> float:
   """Find the KL weight beta at which the tilted policy has KL = kl_target.
 
-  KL(beta) decreases from its grid maximum (beta -> 0) to 0 (beta -> inf),
-  so bisection in log beta finds the unique solution; the search range
+  KL(beta) decreases from its maximum (beta -> 0) to 0 (beta -> inf), so
+  bisection in log beta finds the unique solution; the search range
   scales with the spread max Phi - min Phi, so any t works.
 
   Args:
     transform: a `Transform`, a transform name, or a callable u -> Phi(u),
       not constant.
-    kl_target: KL in nats, in (0, KL of the most concentrated policy the
-      transform reaches on the grid).
+    kl_target: KL in nats, in (0, the KL of the most concentrated policy
+      the transform reaches); a bounded transform such as neg_exp with
+      large t flattens out below some KL.
     num_points: grid nodes, >= 3.
 
   Returns:
@@ -527,19 +645,13 @@ def beta_for_kl(
     ValueError: kl_target out of range, or Phi constant or not finite.
   """
   _check_num_points(num_points)
-  base.check_positive('kl_target', kl_target)
-  if kl_target >= _max_kl(num_points) - 1.0:
-    raise ValueError(
-        f'kl_target={kl_target} is too large for a grid of {num_points} '
-        f'points (its maximum KL is {_max_kl(num_points):.2f}); use a KL '
-        'below that, or a larger num_points.'
-    )
+  _check_kl_target('kl_target', kl_target)
   with jax.enable_x64(True):
-    phi = _phi_on_grid(transform, num_points)
+    u, phi = _phi_on_grid(transform, num_points)
     if float(jnp.max(phi) - jnp.min(phi[jnp.isfinite(phi)])) <= 0:
       raise ValueError('A constant transform has KL 0 at every beta.')
-    beta = float(_beta_for_kl_batch(phi[None], jnp.float64(kl_target))[0])
-    reached = float(_kl_at(phi, jnp.float64(beta)))
+    beta = float(_beta_for_kl_batch(phi[None], jnp.float64(kl_target), u)[0])
+    reached = float(_kl_at(phi, jnp.float64(beta), u))
   if abs(reached - kl_target) > 1e-6 * max(1.0, kl_target):
     raise ValueError(
         f'Transform {_as_transform(transform)!r} cannot reach KL '
@@ -555,30 +667,31 @@ def beta_for_kl(
 _DEFAULT_FAMILY = {'standard': 'exp', 'bon': 'exp', 'won': 'neg_exp'}
 
 
-def _family_phis(family: str, ts: jax.Array, num_points: int) -> jax.Array:
+def _family_phis(family: str, ts: jax.Array, u: jax.Array) -> jax.Array:
   """Phi of make_transform(family, t=t) for each t, as [T, G] (traceable).
 
   The same formulas as `transforms.make_transform`, written here so that t
   can be traced; a test checks that the two agree.
   """
-  u = jnp.linspace(0.0, 1.0, num_points, dtype=jnp.float64)
   if family == 'exp':
     return jnp.exp(ts[:, None] * u[None, :])
   return -jnp.exp(-ts[:, None] * u[None, :])
 
 
-_family_phis_jit = jax.jit(
-    _family_phis, static_argnames=('family', 'num_points')
-)
+_family_phis_jit = jax.jit(_family_phis, static_argnames=('family',))
 
 
 @functools.partial(jax.jit, static_argnames=('kind',))
 def _metrics_per_row(
-    phis: jax.Array, betas: jax.Array, n: jax.Array, kind: CdfKind
+    phis: jax.Array,
+    betas: jax.Array,
+    n: jax.Array,
+    u: jax.Array,
+    kind: CdfKind,
 ):
   """Return KL [T] and win rate [T] of row phis[i] at betas[i]."""
   kls, wins = jax.vmap(
-      lambda phi, beta: _metrics(phi, beta[None], n[None], (kind,))
+      lambda phi, beta: _metrics(phi, beta[None], n[None], u, (kind,))
   )(phis, betas)
   return kls[:, 0], wins[:, 0, 0]
 
@@ -597,9 +710,10 @@ def _win_at_kl(
   A t whose transform cannot reach the budget (neg_exp with large t is
   bounded, so its KL flattens out) gets win rate -inf.
   """
-  phis = _family_phis_jit(family, ts, num_points)
-  betas = _beta_for_kl_batch(phis, jnp.float64(kl_budget))
-  kls, wins = _metrics_per_row(phis, betas, jnp.float64(n), kind)
+  u = jnp.asarray(_grid(num_points), jnp.float64)
+  phis = _family_phis_jit(family, ts, u)
+  betas = _beta_for_kl_batch(phis, jnp.float64(kl_budget), u)
+  kls, wins = _metrics_per_row(phis, betas, jnp.float64(n), u, kind)
   reached = np.abs(np.asarray(kls) - kl_budget) <= 1e-6 * max(1.0, kl_budget)
   return np.where(reached, np.asarray(wins), -np.inf), np.asarray(betas)
 
@@ -623,21 +737,25 @@ def choose_t_details(
   For each t, beta is set so that the tilted policy has KL = kl_budget, and
   the procedure's win rate is evaluated there. The t with the largest win
   rate is found on a log-spaced grid of `num_candidates` values, then
-  refined by golden-section search between its neighbours. A t at either
-  end of `t_range` means the optimum may lie outside it.
+  refined by golden-section search between its neighbours. When the best t
+  is at an end of `t_range`, the optimum may lie outside it: a warning is
+  logged and 'at_limit' says which end.
 
   Args:
     procedure: 'standard', 'bon', 'won', or a map g on CDFs.
     n: samples per procedure call.
     kl_budget: KL in nats, > 0.
     family: 'exp' or 'neg_exp'. Default: 'neg_exp' for 'won', else 'exp'.
-    t_range: (lowest, highest) t searched, both > 0.
+    t_range: (lowest, highest) t searched, 0 < lowest < highest <= 700.
     num_candidates: log-spaced grid size, >= 3.
-    num_points: calibrated-space grid nodes. The default 4097 keeps the
-      search fast; win rates agree with 16385 nodes to about 1e-6.
+    num_points: uniform grid nodes (the grid is refined near 0 and 1 on
+      top). The default 4097 keeps the search fast; win rates agree with
+      16385 nodes to about 1e-6.
 
   Returns:
-    {'t', 'beta', 'kl', 'win_rate'} of the chosen transform.
+    {'t', 'beta', 'kl', 'win_rate', 'family', 'at_limit'} of the chosen
+    transform; 'at_limit' is None, or 'low' or 'high' when t sits at that
+    end of `t_range`.
 
   Raises:
     ValueError: invalid procedure, n, kl_budget, family or t_range.
@@ -650,20 +768,19 @@ def choose_t_details(
         else 'exp'
     )
   base.check_choice('family', family, ('exp', 'neg_exp'))
-  base.check_positive('kl_budget', kl_budget)
-  base.check_positive('t_range', t_range)
+  _check_kl_target('kl_budget', kl_budget)
   base.check_int_at_least('num_candidates', num_candidates, 3)
   _check_num_points(num_points)
+  if np.shape(t_range) != (2,):
+    raise ValueError(
+        f't_range must be a pair (low, high) of numbers, got {t_range!r}.'
+    )
+  base.check_positive('t_range', t_range)
   t_lo, t_hi = (float(t) for t in t_range)
   if not t_lo < t_hi <= _MAX_T:
     raise ValueError(
         f't_range must be (low, high) with 0 < low < high <= {_MAX_T:g}, got '
         f'{t_range}.'
-    )
-  if kl_budget >= _max_kl(num_points) - 1.0:
-    raise ValueError(
-        f'kl_budget={kl_budget} is too large for a grid of {num_points} '
-        'points; use a smaller budget or a larger num_points.'
     )
 
   with jax.enable_x64(True):
@@ -708,12 +825,32 @@ def choose_t_details(
     t = math.exp(log_t)
     win, beta = search(jnp.asarray([t]))
     win, beta = np.asarray(win), np.asarray(beta)
+  # The golden-section search converges to within about 1e-6 (relative) of
+  # an end of the bracket when the maximum lies there or beyond.
+  at_limit = None
+  if best == 0 and log_t - log_ts[0] < 1e-4:
+    at_limit = 'low'
+  elif best == num_candidates - 1 and log_ts[-1] - log_t < 1e-4:
+    at_limit = 'high'
+  if at_limit is not None:
+    logging.warning(
+        'choose_t for procedure=%r n=%d kl_budget=%g: the best t=%.6g is at '
+        'the %s end of t_range=%s, so the optimum may lie outside it; widen '
+        't_range.',
+        procedure,
+        n,
+        kl_budget,
+        t,
+        at_limit,
+        (t_lo, t_hi),
+    )
   return {
       't': t,
       'beta': float(beta[0]),
       'kl': float(kl_budget),
       'win_rate': float(win[0]),
       'family': family,
+      'at_limit': at_limit,
   }
 
 
@@ -764,16 +901,25 @@ def _marginal_gain(
   return grad - grad[0]
 
 
+# The adaptive step never drops below this (or below `damping`, if that is
+# smaller). Without a floor, a residual that wobbles at rounding level halves
+# the step again and again until the iteration stops moving.
+_MIN_STEP = 0.01
+
+
 @functools.partial(
     jax.jit, static_argnames=('kind', 'num_points', 'max_iterations')
 )
 def _fixed_point(beta, damping, tol, n, *, kind, num_points, max_iterations):
   """Iterate log q <- (1 - a) log q + a log normalize(exp(R(q) / beta)).
 
-  The step a starts at `damping`, halves whenever the residual grows and
-  grows by 10% (up to `damping`) whenever it shrinks.
+  Mixing log-densities is damping on the transform: up to normalization it
+  is R <- (1 - a) R + a R(q). The step a starts at `damping`, halves
+  whenever the residual grows (down to min(_MIN_STEP, damping)) and grows
+  by 10% (up to `damping`) whenever it shrinks.
   """
   w = _weights(num_points)
+  floor = jnp.minimum(_MIN_STEP, damping)
 
   def target_log(log_q):
     return _log_density(_marginal_gain(jnp.exp(log_q), kind, n, w), beta, w)
@@ -791,18 +937,20 @@ def _fixed_point(beta, damping, tol, n, *, kind, num_points, max_iterations):
     target = target_log(log_q)
     change = residual(log_q, target)
     step = jnp.where(
-        change > previous, 0.5 * step, jnp.minimum(1.1 * step, damping)
+        change > previous,
+        jnp.maximum(0.5 * step, floor),
+        jnp.minimum(1.1 * step, damping),
     )
     mixed = (1.0 - step) * log_q + step * target
     mixed = mixed - jax.nn.logsumexp(mixed, b=w)
     return mixed, step, change, iteration + 1
 
   log_q0 = jnp.zeros((num_points,), jnp.float64)
-  log_q, _, change, iterations = jax.lax.while_loop(
+  log_q, step, change, iterations = jax.lax.while_loop(
       cond, body, (log_q0, damping, jnp.float64(jnp.inf), jnp.int32(0))
   )
   q = jnp.exp(log_q)
-  return q, _marginal_gain(q, kind, n, w), change, iterations
+  return q, _marginal_gain(q, kind, n, w), change, iterations, step
 
 
 def solve_optimal(
@@ -819,8 +967,10 @@ def solve_optimal(
 
   At the optimum q* the transform is the marginal gain of the win rate,
   R = dW/dq evaluated at q* itself, and q* ∝ exp(R / beta). The iteration
-  q <- (1 - damping) q + damping normalize(exp(R(q) / beta)) starts from the
-  uniform density. R comes from `jax.grad` of the discretized win rate, so a
+  log q <- (1 - a) log q + a log normalize(exp(R(q) / beta)), that is
+  R <- (1 - a) R + a R(q), starts from the uniform density; the step a
+  starts at `damping`, halves when the residual grows and grows back
+  when it shrinks, never below min(0.01, damping). R comes from `jax.grad` of the discretized win rate, so a
   user-defined procedure works as well as best-of-N (where
   R(u) = N^2 ∫_0^u Q^(N-1) s^(N-1) ds) and worst-of-N.
 
@@ -834,7 +984,8 @@ def solve_optimal(
     n: samples per procedure call.
     beta: KL weight > 0.
     num_points: grid nodes G, >= 3.
-    damping: step size in (0, 1]; lower it if small beta does not converge.
+    damping: largest step size, in (0, 1]. Smaller values converge more
+      slowly to the same point; 0.5 converges for beta down to 1e-3.
     tol: stop when max |q_new - q| / max q_new <= tol.
     max_iterations: iteration limit, >= 1.
 
@@ -847,6 +998,8 @@ def solve_optimal(
   """
   kind, n_value = _procedure_kind(procedure, n)
   base.check_positive('beta', beta)
+  if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+    raise ValueError(f'damping must be a number in (0, 1], got {damping!r}.')
   if not 0.0 < damping <= 1.0:
     raise ValueError(f'damping must be in (0, 1], got {damping!r}.')
   base.check_positive('tol', tol)
@@ -854,7 +1007,7 @@ def solve_optimal(
   _check_num_points(num_points)
 
   with jax.enable_x64(True):
-    q, gain, change, iterations = _fixed_point(
+    q, gain, change, iterations, step = _fixed_point(
         jnp.float64(beta),
         jnp.float64(damping),
         jnp.float64(tol),
@@ -872,13 +1025,16 @@ def solve_optimal(
   if not converged:
     logging.warning(
         'Optimal transform for procedure=%r n=%d beta=%g did not converge in '
-        '%d iterations (last relative change %.3g); lower damping or raise '
-        'max_iterations.',
+        '%d iterations: the last relative change of q was %.3g > tol=%.3g, '
+        'at step %.3g. Raise max_iterations; if the change has stalled, '
+        'loosen tol.',
         procedure,
         n,
         beta,
         int(iterations),
         float(change),
+        tol,
+        float(step),
     )
   return OptimalSolution(
       u=u,

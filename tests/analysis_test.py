@@ -2,11 +2,13 @@
 
 import math
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import jax
 import numpy as np
-from absl.testing import absltest, parameterized
 
-from infalign_jax import analysis, transforms
+from infalign_jax import analysis
+from infalign_jax import transforms
 
 # Small grid for tests that compare methods with each other rather than with
 # closed forms; it keeps compilation and iteration fast.
@@ -115,20 +117,55 @@ class StabilityTest(parameterized.TestCase):
       for key, value in predicted.items():
         self.assertTrue(np.isfinite(value), f'{key} at beta={beta}: {value}')
       self.assertBetween(predicted['win_rate_bon'], 0.0, 1.0)
-      self.assertBetween(
-          predicted['kl'], 0.0, math.log(2 * (_SMALL - 1)) + 1e-9
-      )
+      self.assertGreaterEqual(predicted['kl'], 0.0)
 
-  def test_spike_kl_saturates_at_grid(self):
-    kl = analysis.kl(
-        transforms.make_transform('exp', t=200.0), 1e-3, num_points=_SMALL
+  @parameterized.parameters((20.0, 1e-4), (200.0, 1e-2))
+  def test_spike_kl_matches_edge_exponential(self, t, tol):
+    # Near u = 1 the density of exp(t u) at beta = 1e-3 is exponential with
+    # rate lam = t e^t / beta (1e-13 and 1e-92 wide), so KL = log(lam) - 1
+    # up to t / lam. The tolerance is the rounding of Phi near u = 1
+    # (float64 nodes there are 1e-16 apart), not the grid; the old uniform
+    # grid returned its ceiling log(2 * 16384) = 10.40 for both.
+    transform = transforms.make_transform('exp', t=t)
+    kl = analysis.kl(transform, 1e-3)
+    self.assertAlmostEqual(
+        kl, math.log(t) + t - math.log(1e-3) - 1.0, delta=tol
     )
-    self.assertAlmostEqual(kl, math.log(2 * (_SMALL - 1)), delta=1e-9)
+    self.assertAlmostEqual(
+        analysis.win_rate(transform, 1e-3, 'bon', 4), 1.0, delta=1e-12
+    )
 
-  def test_identity_small_beta(self):
-    kl, win = _identity_closed_form(1000.0)
-    self.assertAlmostEqual(analysis.kl('identity', 1e-3), kl, delta=1e-3)
-    self.assertAlmostEqual(analysis.win_rate('identity', 1e-3), win, delta=1e-5)
+  def test_normalized_exp_small_beta_matches_fine_quadrature(self):
+    # (e^(t u) - 1) / (e^t - 1) with t = 200 at beta = 1e-3: in v = 1 - u,
+    # log q = -(1 - e^(-t v)) / beta + const (to 1e-87), mass within 1e-4.
+    t, beta = 200.0, 1e-3
+    v = np.linspace(0.0, 0.05, 2_000_001)
+    log_q = np.expm1(-t * v) / beta
+    z = _simpson(np.exp(log_q), v)
+    expected = _simpson(np.exp(log_q) / z * (log_q - math.log(z)), v)
+    got = analysis.kl(
+        transforms.make_transform('exp', t=t, normalize=True), beta
+    )
+    self.assertAlmostEqual(got, expected, delta=1e-6)
+
+  @parameterized.parameters(1e3, 1e4)
+  def test_identity_small_beta(self, lam):
+    # The piecewise-linear log-density is exact for the identity.
+    kl, win = _identity_closed_form(lam)
+    self.assertAlmostEqual(analysis.kl('identity', 1 / lam), kl, delta=1e-10)
+    self.assertAlmostEqual(
+        analysis.win_rate('identity', 1 / lam), win, delta=1e-6
+    )
+
+  @parameterized.parameters(2, 16)
+  def test_identity_small_beta_bon(self, n):
+    # Q = (e^(lam u) - 1) / (e^lam - 1); W_BoN by Simpson on a fine grid.
+    lam = 1000.0
+    u = np.linspace(0.0, 1.0, 2_000_001)
+    cdf = np.exp(lam * (u - 1.0)) * -np.expm1(-lam * u) / -math.expm1(-lam)
+    expected = 1.0 - n * _simpson(cdf**n * u ** (n - 1), u)
+    got = analysis.win_rate('identity', 1 / lam, 'bon', n)
+    self.assertAlmostEqual(got, expected, delta=1e-6)
 
 
 class CurvesTest(parameterized.TestCase):
@@ -189,14 +226,13 @@ class BetaForKlTest(parameterized.TestCase):
       )
 
   def test_rejects_unreachable(self):
-    with self.assertRaisesRegex(ValueError, 'too large for a grid'):
-      analysis.beta_for_kl('identity', 50.0)
-    # neg_exp with large t is bounded on [0, 1] and flattens out.
+    with self.assertRaisesRegex(ValueError, 'beyond what a float64 tilt'):
+      analysis.beta_for_kl('identity', 800.0)
+    # Phi flat on [1/2, 1]: as beta -> 0 the tilt tends to uniform on
+    # [1/2, 1], so KL stays below log 2.
     with self.assertRaisesRegex(ValueError, 'cannot reach KL'):
       analysis.beta_for_kl(
-          transforms.make_transform('neg_exp', t=200.0),
-          6.0,
-          num_points=_SMALL,
+          lambda u: jax.numpy.minimum(u, 0.5), 1.0, num_points=_SMALL
       )
 
 
@@ -236,16 +272,41 @@ class ChooseTTest(parameterized.TestCase):
     with jax.enable_x64(True):
       ts = np.array([0.5, 7.0, 200.0])
       for family in ('exp', 'neg_exp'):
-        phis = np.asarray(analysis._family_phis(family, ts, 33))
+        phis = np.asarray(
+            analysis._family_phis(family, ts, np.linspace(0.0, 1.0, 33))
+        )
         for t, phi in zip(ts, phis, strict=True):
           expected = transforms.make_transform(family, t=float(t))(
               np.linspace(0.0, 1.0, 33)
           )
           np.testing.assert_allclose(phi, expected, rtol=1e-14)
 
+  def test_won_large_budget_is_interior(self):
+    # Before the bisection reached beta below spread * e^-28, N = 4 and
+    # N = 8 both returned t = 31.70, where that limit cut the search.
+    ts = [
+        analysis.choose_t_details('won', n, 2.0, num_points=_SMALL)
+        for n in (4, 8)
+    ]
+    for chosen in ts:
+      self.assertIsNone(chosen['at_limit'])
+      self.assertGreater(chosen['beta'], 1e-290)
+    self.assertGreater(abs(ts[0]['t'] - ts[1]['t']), 1.0)
+
+  def test_optimum_at_range_end_is_flagged(self):
+    with self.assertLogs(level='WARNING') as logs:
+      chosen = analysis.choose_t_details(
+          'bon', 4, 0.5, t_range=(0.1, 2.0), num_points=_SMALL
+      )
+    self.assertEqual(chosen['at_limit'], 'high')
+    self.assertAlmostEqual(chosen['t'], 2.0, delta=1e-4)
+    self.assertIn('high end of t_range', logs.output[0])
+
   def test_bad_input(self):
     with self.assertRaisesRegex(ValueError, 't_range must be'):
       analysis.choose_t('bon', 4, 0.5, t_range=(1.0, 1000.0))
+    with self.assertRaisesRegex(ValueError, 't_range must be a pair'):
+      analysis.choose_t('bon', 4, 0.5, t_range=5.0)
     with self.assertRaisesRegex(ValueError, "Unknown family 'power'"):
       analysis.choose_t('bon', 4, 0.5, family='power')
     with self.assertRaisesRegex(ValueError, 'kl_budget must be finite'):
@@ -294,6 +355,15 @@ class OptimalTransformTest(parameterized.TestCase):
         self.assertGreater(
             solution.objective, win - beta * kl, f'{family} t={t:.3g}'
         )
+
+  @parameterized.parameters((16, 0.5), (16, 0.1), (2, 0.1))
+  def test_converges_at_small_beta(self, n, damping):
+    # Without a floor on the adaptive step, N = 16 stalled at any damping
+    # and N = 2 stopped moving at damping 0.1 (the step halved to 0).
+    solution = analysis.solve_optimal('bon', n, 1e-3, damping=damping)
+    self.assertTrue(solution.converged)
+    reference = analysis.solve_optimal('bon', n, 1e-3)
+    self.assertAlmostEqual(solution.objective, reference.objective, delta=1e-9)
 
   def test_fixed_point_reproduces_itself(self):
     solution = analysis.solve_optimal('won', 4, 0.3, num_points=_SMALL)
@@ -369,6 +439,16 @@ class BadInputTest(parameterized.TestCase):
           'damping',
           lambda: analysis.solve_optimal('bon', 4, 1.0, damping=0.0),
           'damping must be',
+      ),
+      (
+          'damping_type',
+          lambda: analysis.solve_optimal('bon', 4, 1.0, damping='a'),
+          "damping must be a number in \\(0, 1\\], got 'a'",
+      ),
+      (
+          'beta_type',
+          lambda: analysis.kl('identity', 'a'),
+          "beta must be a number > 0 .* got 'a'",
       ),
   )
   def test_raises(self, call, message):
