@@ -54,6 +54,9 @@ _SUPPORTED_DTYPES = ('float32', 'bfloat16', 'float16')
 # Added to attention scores of hidden keys. It is finite so that a query with
 # every key hidden yields a uniform average instead of NaN.
 _MASKED_SCORE = -1e9
+_REWARD_POOLINGS = ('last', 'mean')
+# Multiplier of the rolling n-gram hash (a prime, arithmetic modulo 2^32).
+_NGRAM_HASH_MULTIPLIER = 1000003
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,6 +73,17 @@ class TransformerConfig:
     mlp_dim: hidden size of the MLP; `None` means 4 * width.
     dtype: compute dtype name: 'float32', 'bfloat16' or 'float16'.
     layer_norm_epsilon: epsilon of every layer norm.
+    reward_pooling: how the reward model pools its final hidden states:
+      'last' (the last valid token) or 'mean' (masked mean over valid
+      tokens). Ignored by the language model.
+    ngram_orders: reward model only: orders k of hashed token n-grams whose
+      embeddings are added to each position's input, so a byte-level model
+      sees words from its first layer. Each n-gram ends at its position, so
+      causality and right-padding invariance hold. Empty means none. The
+      language model rejects a non-empty value, because cached decoding
+      feeds one token at a time.
+    ngram_buckets: rows of each n-gram embedding table; n-grams are hashed
+      into them.
   """
 
   vocab_size: int
@@ -80,6 +94,9 @@ class TransformerConfig:
   mlp_dim: int | None = None
   dtype: str = 'float32'
   layer_norm_epsilon: float = 1e-5
+  reward_pooling: str = 'last'
+  ngram_orders: tuple[int, ...] = ()
+  ngram_buckets: int = 8192
 
   def __post_init__(self):
     for name in ('vocab_size', 'width', 'num_layers', 'num_heads', 'max_len'):
@@ -117,6 +134,25 @@ class TransformerConfig:
       raise ValueError(
           'TransformerConfig.layer_norm_epsilon must be a positive finite '
           f'number such as 1e-5, got {epsilon!r}.'
+      )
+    if self.reward_pooling not in _REWARD_POOLINGS:
+      raise ValueError(
+          f'TransformerConfig.reward_pooling={self.reward_pooling!r} is not '
+          f'supported; use one of {_REWARD_POOLINGS}.'
+      )
+    if not isinstance(self.ngram_orders, tuple) or any(
+        not isinstance(k, int) or isinstance(k, bool) or k < 1
+        for k in self.ngram_orders
+    ):
+      raise ValueError(
+          'TransformerConfig.ngram_orders must be a tuple of positive ints '
+          f'such as (2, 3, 4), got {self.ngram_orders!r}.'
+      )
+    buckets = self.ngram_buckets
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 1:
+      raise ValueError(
+          'TransformerConfig.ngram_buckets must be a positive int, got '
+          f'{buckets!r}.'
       )
 
   @property
@@ -263,9 +299,19 @@ class _Transformer(nn.Module):
         epsilon=config.layer_norm_epsilon, dtype=jnp.float32, name='final_norm'
     )
 
-  def __call__(self, tokens, positions, attention_bias, cache, write_positions):
+  def __call__(
+      self,
+      tokens,
+      positions,
+      attention_bias,
+      cache,
+      write_positions,
+      extra_embedding=None,
+  ):
     """Return the final hidden states [B, T, W] float32 and the new cache."""
     x = self.token_embed(tokens) + self.position_embed(positions)
+    if extra_embedding is not None:
+      x = x + extra_embedding
     x = x.astype(self.config.compute_dtype)
     new_keys, new_values = [], []
     for i, block in enumerate(self.blocks):
@@ -282,20 +328,58 @@ class _Transformer(nn.Module):
     return jnp.einsum('...w,vw->...v', hidden.astype(jnp.float32), embedding)
 
 
+def _ngram_ids(tokens: jax.Array, order: int, buckets: int) -> jax.Array:
+  """[B, T] bucket of the n-gram of `order` tokens ending at each position.
+
+  Positions before the start of the row count as token -1, so a short prefix
+  hashes apart from any real n-gram.
+  """
+  length = tokens.shape[1]
+  shifted_in = tokens.astype(jnp.uint32) + jnp.uint32(1)
+  hashed = jnp.zeros_like(shifted_in)
+  for offset in range(order):
+    previous = jnp.pad(shifted_in, ((0, 0), (offset, 0)))[:, :length]
+    hashed = hashed * jnp.uint32(_NGRAM_HASH_MULTIPLIER) + previous
+  return (hashed % jnp.uint32(buckets)).astype(jnp.int32)
+
+
 class _RewardModel(nn.Module):
-  """Transformer trunk with a scalar head on the last valid token."""
+  """Transformer trunk with a scalar head on pooled final hidden states."""
 
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens, mask):
+    config = self.config
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    hidden, _ = _Transformer(self.config, name='trunk')(
-        tokens, positions, _causal_bias(length), None, None
+    ngram_embedding = None
+    for order in config.ngram_orders:
+      table = nn.Embed(
+          config.ngram_buckets,
+          config.width,
+          embedding_init=nn.initializers.normal(stddev=0.02),
+          name=f'ngram_embed_{order}',
+      )
+      embedded = table(_ngram_ids(tokens, order, config.ngram_buckets))
+      ngram_embedding = (
+          embedded if ngram_embedding is None else ngram_embedding + embedded
+      )
+    hidden, _ = _Transformer(config, name='trunk')(
+        tokens,
+        positions,
+        _causal_bias(length),
+        None,
+        None,
+        extra_embedding=ngram_embedding,
     )
-    last = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    if config.reward_pooling == 'mean':
+      weights = mask.astype(jnp.float32)
+      count = jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
+      pooled = jnp.sum(hidden * weights[..., None], axis=1) / count
+    else:
+      last = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+      pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     score = nn.Dense(
         1,
         dtype=jnp.float32,
@@ -325,6 +409,15 @@ def _check_tokens(tokens, config: TransformerConfig, name: str = 'tokens'):
     )
 
 
+def _check_lm_config(config: TransformerConfig) -> None:
+  if config.ngram_orders:
+    raise ValueError(
+        f'TransformerConfig.ngram_orders={config.ngram_orders} is a '
+        'reward-model option; the language model needs ngram_orders=() '
+        'because cached decoding feeds one token at a time.'
+    )
+
+
 @functools.partial(jax.jit, static_argnames='config')
 def init_lm(key: jax.Array, config: TransformerConfig) -> Params:
   """Initialize language-model parameters.
@@ -337,6 +430,7 @@ def init_lm(key: jax.Array, config: TransformerConfig) -> Params:
     A nested dict of float32 parameters. The function is compiled with jit,
     because op-by-op Flax initialization is slow.
   """
+  _check_lm_config(config)
   tokens = jnp.zeros((1, 1), jnp.int32)
   variables = _Transformer(config).init(
       key, tokens, tokens, _causal_bias(1), None, None
@@ -359,6 +453,7 @@ def lm_logits(
     tokens 0..t. Because attention is causal, padding after a row's valid
     prefix does not change the logits at valid positions.
   """
+  _check_lm_config(config)
   _check_tokens(tokens, config)
   batch, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -393,6 +488,7 @@ def lm_prefill(
       slots contain values that `lm_decode_step` hides until it overwrites
       them.
   """
+  _check_lm_config(config)
   _check_tokens(tokens, config)
   batch, length = tokens.shape
   if cache_size < length:
@@ -440,6 +536,7 @@ def lm_decode_step(
   Returns:
     [B, V] float32 logits of the following token, and the updated cache.
   """
+  _check_lm_config(config)
   cache_size = cache.keys[0].shape[1]
   positions = positions.astype(jnp.int32)
   visible = jnp.arange(cache_size)[None, :] <= positions[:, None]
@@ -500,10 +597,12 @@ def reward_scores(
 ) -> jax.Array:
   """Score right-padded sequences with the reward model.
 
-  The score is a linear head on the final hidden state of the last valid
-  token, index `sum(mask) - 1`. With causal attention that state has seen the
-  whole valid sequence and no padding. A row whose mask is all False is scored
-  at position 0.
+  The score is a linear head on the pooled final hidden states, as
+  `config.reward_pooling` says. 'last' takes the last valid token, index
+  `sum(mask) - 1`: with causal attention that state has seen the whole valid
+  sequence and no padding, and a row whose mask is all False is scored at
+  position 0. 'mean' averages the valid positions (an all-False row scores
+  the zero vector, i.e. the head's bias).
 
   Args:
     params: parameters from `init_reward_model`.

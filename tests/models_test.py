@@ -103,6 +103,10 @@ class TransformerConfigTest(parameterized.TestCase):
       ('infinite_epsilon', dict(layer_norm_epsilon=float('inf'))),
       ('nan_epsilon', dict(layer_norm_epsilon=float('nan'))),
       ('string_epsilon', dict(layer_norm_epsilon='1e-5')),
+      ('unknown_pooling', dict(reward_pooling='max')),
+      ('ngram_orders_list', dict(ngram_orders=[2, 3])),
+      ('zero_ngram_order', dict(ngram_orders=(0,))),
+      ('zero_ngram_buckets', dict(ngram_buckets=0)),
   )
   def test_rejects_invalid_field(self, override):
     fields = dict(
@@ -300,6 +304,95 @@ class RewardScoresTest(parameterized.TestCase):
   def test_rejects_mismatched_mask(self):
     with self.assertRaisesRegex(ValueError, 'mask shape'):
       models.reward_scores(self.params, self.tokens, self.mask[:, :3], _CONFIG)
+
+
+_NGRAM_CONFIG = models.TransformerConfig(
+    vocab_size=13,
+    width=16,
+    num_layers=1,
+    num_heads=2,
+    max_len=12,
+    reward_pooling='mean',
+    ngram_orders=(2, 3),
+    ngram_buckets=64,
+)
+
+
+class NgramMeanRewardTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.params = models.init_reward_model(jax.random.key(7), _NGRAM_CONFIG)
+    self.tokens = _random_tokens(8, (3, 7))
+    self.lengths = jnp.array([7, 2, 4])
+    self.mask = jnp.arange(7)[None, :] < self.lengths[:, None]
+
+  def test_ngram_ids_match_python_hash(self):
+    tokens = np.array([[4, 0, 12, 5]])
+    ids = np.asarray(models._ngram_ids(jnp.asarray(tokens), 3, 64))
+    for position in range(4):
+      hashed = 0
+      for offset in range(3):
+        index = position - offset
+        value = tokens[0, index] + 1 if index >= 0 else 0
+        hashed = (hashed * 1000003 + value) % 2**32
+      self.assertEqual(ids[0, position], hashed % 64)
+
+  def test_padding_does_not_change_scores(self):
+    scores = _reward_scores(self.params, self.tokens, self.mask, _NGRAM_CONFIG)
+    noise = _random_tokens(9, (3, 10))
+    padded_mask = jnp.arange(10)[None, :] < self.lengths[:, None]
+    padded = jnp.where(
+        padded_mask, jnp.pad(self.tokens, ((0, 0), (0, 3))), noise
+    )
+    padded_scores = _reward_scores(
+        self.params, padded, padded_mask, _NGRAM_CONFIG
+    )
+    np.testing.assert_allclose(padded_scores, scores, atol=1e-6)
+
+  def test_mean_pooling_by_hand(self):
+    # With the head's kernel set to ones and bias to zero, the score is the
+    # mean over valid positions of the sum of the final hidden features.
+    params = jax.tree.map(lambda x: x, self.params)
+    params['head'] = {
+        'kernel': jnp.ones_like(params['head']['kernel']),
+        'bias': jnp.zeros_like(params['head']['bias']),
+    }
+    row_one = _reward_scores(params, self.tokens, self.mask, _NGRAM_CONFIG)
+    per_position = [
+        _reward_scores(
+            params,
+            self.tokens[1:2],
+            jnp.arange(7)[None, :] == position,
+            _NGRAM_CONFIG,
+        )
+        for position in range(2)
+    ]
+    # A one-position mask pools that position alone; causality makes each
+    # position's state independent of the mask.
+    np.testing.assert_allclose(
+        row_one[1], (per_position[0][0] + per_position[1][0]) / 2, atol=1e-5
+    )
+
+  def test_ngram_tables_sit_beside_the_trunk(self):
+    self.assertIn('ngram_embed_2', self.params)
+    self.assertIn('ngram_embed_3', self.params)
+    self.assertEqual(self.params['ngram_embed_2']['embedding'].shape, (64, 16))
+    lm_config = models.TransformerConfig(
+        vocab_size=13, width=16, num_layers=1, num_heads=2, max_len=12
+    )
+    lm_params = models.init_lm(jax.random.key(5), lm_config)
+    params = models.init_reward_model(
+        jax.random.key(6), _NGRAM_CONFIG, trunk_params=lm_params
+    )
+    np.testing.assert_array_equal(
+        params['trunk']['token_embed']['embedding'],
+        lm_params['token_embed']['embedding'],
+    )
+
+  def test_language_model_rejects_ngram_orders(self):
+    with self.assertRaisesRegex(ValueError, 'reward-model option'):
+      models.init_lm(jax.random.key(0), _NGRAM_CONFIG)
 
 
 if __name__ == '__main__':
