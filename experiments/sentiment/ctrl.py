@@ -158,11 +158,25 @@ def choose_transform_parameters(
   return chosen
 
 
+def method_transform_params(method: str, t: float | None) -> dict[str, Any]:
+  """Parameters of a method's transform for `make_transform` and RLConfig.
+
+  exp is normalized to [0, 1], (e^{t u} - 1) / (e^t - 1): the same policies
+  at beta / (e^t - 1), so its beta and rewards share the scale of the other
+  methods and one learning rate suits every run.
+  """
+  if t is None:
+    return {}
+  if method == 'exp':
+    return {'t': t, 'normalize': True}
+  return {'t': t}
+
+
 def method_transform(method: str, t: float | None) -> transforms.Transform:
   """The transform Phi of a method; the baseline's is the identity."""
   if method in ('baseline', 'identity'):
     return transforms.make_transform('identity')
-  return transforms.make_transform(method, t=t)
+  return transforms.make_transform(method, **method_transform_params(method, t))
 
 
 def choose_betas(
@@ -213,7 +227,7 @@ def make_policy_trainer(
   rl_config = rl.RLConfig(
       beta=beta,
       transform='identity' if method == 'baseline' else method,
-      transform_params={} if t is None else {'t': t},
+      transform_params=method_transform_params(method, t),
       calibrate=calibrate,
       algorithm=config.rl.loss,
       num_samples=config.rl.samples_per_prompt,

@@ -9,6 +9,7 @@ first EOS. The reward model and the VADER judge both see prompt plus
 continuation.
 """
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -59,12 +60,18 @@ def lm_config(config: ml_collections.ConfigDict) -> models.TransformerConfig:
 def reward_config(
     config: ml_collections.ConfigDict,
 ) -> models.TransformerConfig:
-  """Shape of the reward model's trunk: the reference LM's shape.
+  """Shape of the reward model: the reference LM's trunk, its own inputs.
 
-  The trunk starts from the trained reference LM when
-  `config.reward.init_from_reference` is set, so the two must match.
+  The trunk has the LM's shape, so it can start from the trained reference
+  LM (`config.reward.init_from_reference`). Pooling and the hashed n-gram
+  input embeddings come from `config.reward`.
   """
-  return lm_config(config)
+  return dataclasses.replace(
+      lm_config(config),
+      reward_pooling=config.reward.pooling,
+      ngram_orders=tuple(config.reward.ngram_orders),
+      ngram_buckets=config.reward.ngram_buckets,
+  )
 
 
 def encode_prompts(
