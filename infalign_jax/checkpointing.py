@@ -35,6 +35,7 @@ the step directory to delete.
 """
 
 import json
+import logging as std_logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +50,21 @@ from infalign_jax import train
 # Version of the metadata layout written below; bump it when the layout
 # changes, so old checkpoints fail with a clear message.
 _FORMAT_VERSION = 1
+
+
+class _QuietOrbaxInfo(std_logging.Filter):
+  """Drop Orbax's INFO and DEBUG records; warnings and errors pass.
+
+  Orbax logs a dozen INFO lines per save through absl, which buries the
+  training loop's progress lines.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    quiet_source = '/orbax/' in record.pathname.replace('\\', '/')
+    return record.levelno >= std_logging.WARNING or not quiet_source
+
+
+std_logging.getLogger('absl').addFilter(_QuietOrbaxInfo())
 
 
 class CorruptCheckpointError(ValueError):
