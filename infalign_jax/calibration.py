@@ -195,11 +195,61 @@ def _rank_counts_blocked(
 _MAX_FLAT_SIZE = 2**31 - 1
 
 
+# Two-level search: rows cut into blocks of _TWO_LEVEL_BLOCK sorted values.
+# Used for _TWO_LEVEL_MIN <= M <= _TWO_LEVEL_MAX. Against binary lifting,
+# interleaved in one process on the 2-core development CPU (B = 4096,
+# S = 16), it ran 1.8-2.2x as fast at M = 256, 1.2x at M = 512 and 0.8x at
+# M = 1024. Block sizes 8 and 64 were 7x slower at M = 512 (XLA:CPU lowers
+# those gathers differently).
+_TWO_LEVEL_BLOCK = 32
+_TWO_LEVEL_MIN = 128
+_TWO_LEVEL_MAX = 512
+
+
+def _rank_counts_two_level(
+    rewards: jax.Array, sorted_ref_rewards: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Count reference rewards < and <= each reward in two dense steps.
+
+  The last value of each block of K sorted values forms a coarse row of M/K
+  values. Comparing a query with the whole coarse row counts the blocks
+  that lie entirely below it; one gather of the next block and K
+  comparisons count the rest. Rows are padded with +inf to a multiple of K.
+  """
+  num_prompts, num_reference = sorted_ref_rewards.shape
+  size = _TWO_LEVEL_BLOCK
+  num_blocks = -(-num_reference // size)
+  padded = jnp.pad(
+      sorted_ref_rewards,
+      ((0, 0), (0, num_blocks * size - num_reference)),
+      constant_values=jnp.inf,
+  )
+  blocks = padded.reshape(num_prompts, num_blocks, size)
+  coarse = blocks[:, :, -1]
+  queries = rewards[:, :, None]
+
+  def count(compare):
+    full = jnp.sum(compare(coarse[:, None, :], queries), axis=-1)
+    index = jnp.minimum(full, num_blocks - 1)[:, :, None]
+    block = jnp.take_along_axis(blocks, index, axis=1, mode='promise_in_bounds')
+    inner = jnp.sum(compare(block, queries), axis=-1)
+    total = jnp.where(
+        full == num_blocks, num_blocks * size, full * size + inner
+    )
+    # A +inf query (possible only under jit) also counts the padding.
+    return jnp.minimum(total, num_reference).astype(jnp.int32)
+
+  return count(jnp.less), count(jnp.less_equal)
+
+
 def _rank_counts(
     rewards: jax.Array, sorted_ref_rewards: jax.Array, method: str
 ) -> tuple[jax.Array, jax.Array]:
   """Count reference rewards < and <= each reward, row by row."""
-  if method == 'flat' and sorted_ref_rewards.shape[1] <= _MAX_FLAT_SIZE // 2:
+  num_reference = sorted_ref_rewards.shape[1]
+  if method == 'flat' and _TWO_LEVEL_MIN <= num_reference <= _TWO_LEVEL_MAX:
+    return _rank_counts_two_level(rewards, sorted_ref_rewards)
+  if method == 'flat' and num_reference <= _MAX_FLAT_SIZE // 2:
     return _rank_counts_blocked(rewards, sorted_ref_rewards)
   if method == 'flat':
     method = 'scan'
@@ -224,8 +274,10 @@ def calibrated_rewards(
     sorted_ref_rewards: [B, M] reference rewards of the same B prompts, each
       row sorted ascending (see `sort_reference_rewards`). Unsorted rows give
       wrong results without an error.
-    method: 'flat' (default): a binary search over the flattened table, in
-      blocks of rows of about 2**16 entries. Or a `jnp.searchsorted`
+    method: 'flat' (default): for 128 <= M <= 512 a two-level search
+      (a dense comparison with every 32nd value, then with one block of
+      32); otherwise a binary search over the flattened table, in blocks of
+      rows of about 2**16 entries. Or a `jnp.searchsorted`
       method, vmapped over prompts: 'scan', 'scan_unrolled', 'sort' or
       'compare_all' (the last two may be faster on accelerators for small
       M). All give identical results for finite rewards.

@@ -92,6 +92,28 @@ class CalibratedRewardsTest(parameterized.TestCase):
     )
     np.testing.assert_allclose(got, _brute_force(rewards, ref), atol=1e-7)
 
+  @parameterized.parameters(128, 200, 512)
+  def test_two_level_search_matches_brute_force(self, num_reference):
+    # M in [128, 512] takes the two-level search; 200 needs +inf padding.
+    rng = np.random.default_rng(num_reference)
+    ref = np.round(rng.normal(size=(3, num_reference)) * 4) / 4
+    rewards = np.round(rng.normal(size=(3, 9)) * 4) / 4
+    rewards[0, :3] = [ref.min() - 1, ref.max() + 1, ref.max()]
+    sorted_ref = calibration.sort_reference_rewards(ref.astype(np.float32))
+    got = jax.jit(calibration.calibrated_rewards)(
+        rewards.astype(np.float32), sorted_ref
+    )
+    # float32 division by 2 M; the counts themselves are exact.
+    np.testing.assert_allclose(got, _brute_force(rewards, ref), atol=1e-7)
+    scan = calibration.calibrated_rewards(
+        rewards.astype(np.float32), sorted_ref, method='scan'
+    )
+    np.testing.assert_array_equal(got, scan)
+    # Under jit +inf must still give exactly 1, not count the padding.
+    inf_row = np.full((3, 1), np.inf, np.float32)
+    got_inf = jax.jit(calibration.calibrated_rewards)(inf_row, sorted_ref)
+    np.testing.assert_array_equal(got_inf, np.ones((3, 1)))
+
   def test_single_reference_sample(self):
     got = calibration.calibrated_rewards(
         np.array([[0.0, 1.0, 2.0]]), np.array([[1.0]])
