@@ -565,7 +565,7 @@ def tradeoff_curve(
 _LOG_RANGE_HIGH = 28.0
 _LOG_RANGE_LOW = 700.0
 _LOG_BETA_FLOOR = math.log(1e-300)
-_BISECTION_STEPS = 90
+_BISECTION_STEPS = 64
 
 # No tilt of a float64 grid reaches this KL (the finest cell is 1e-16 wide
 # and the steepest log-density slope about 1e308).
@@ -806,12 +806,13 @@ def choose_t_details(
     def objective(log_t):
       return float(search(jnp.asarray([math.exp(log_t)]))[0][0])
 
-    # Golden-section search for the maximum on [lo, hi].
+    # Golden-section search for the maximum on [lo, hi]; 22 steps shrink
+    # the bracket to 0.618^22 = 2.5e-5 of its width (about 1e-5 in log t).
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = lo, hi
     c, d = b - ratio * (b - a), a + ratio * (b - a)
     fc, fd = objective(c), objective(d)
-    for _ in range(30):
+    for _ in range(22):
       if fc >= fd:
         b, d, fd = d, c, fc
         c = b - ratio * (b - a)
