@@ -24,9 +24,9 @@ data: $(STAMP)
 experiment: $(STAMP) data
 	$(BIN)/python -m experiments.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# The default suite, then the multi-device tests in their own process,
-# because XLA_FLAGS must be set before JAX starts.
-test: $(STAMP) data
+# Lint, the default suite, then the multi-device tests in their own
+# process, because XLA_FLAGS must be set before JAX starts.
+test: $(STAMP) data lint
 	$(BIN)/python -m pytest -n 2 --ignore=tests/multidevice tests
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  $(BIN)/python -m pytest tests/multidevice

@@ -24,11 +24,14 @@ import platform
 import statistics
 import time
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
-from absl import app, flags
 
-from infalign_jax import analysis, calibration, transforms
+from infalign_jax import analysis
+from infalign_jax import calibration
+from infalign_jax import transforms
 
 _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 4096, 'B, prompts.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 16, 'S, rewards per prompt.')

@@ -30,12 +30,14 @@ import platform
 import statistics
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
-from infalign_jax import models, sampling
+from infalign_jax import models
+from infalign_jax import sampling
 
 _WIDTH = flags.DEFINE_integer('width', 128, 'Model width.')
 _LAYERS = flags.DEFINE_integer('layers', 2, 'Transformer blocks.')

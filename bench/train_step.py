@@ -26,13 +26,17 @@ norms, softmax, embeddings lookups and the optimizer are not counted.
 import json
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
 
-from infalign_jax import models, rl, sampling, train
+from infalign_jax import models
+from infalign_jax import rl
+from infalign_jax import sampling
+from infalign_jax import train
 
 _WIDTH = flags.DEFINE_integer('width', 128, 'Policy width.')
 _LAYERS = flags.DEFINE_integer('layers', 2, 'Policy transformer blocks.')

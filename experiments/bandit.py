@@ -29,16 +29,20 @@ import json
 import os
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 
 from experiments import common
-from infalign_jax import analysis, loop, rl, train, transforms
+from infalign_jax import analysis
+from infalign_jax import loop
+from infalign_jax import rl
+from infalign_jax import train
+from infalign_jax import transforms
 
 REPORT_MARKDOWN = 'bandit_report.md'
 REPORT_JSON = 'bandit_report.json'

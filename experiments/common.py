@@ -7,19 +7,19 @@ every run writes `summary.json` with the final step and a SHA-256 over the
 final parameters.
 """
 
+from collections.abc import Callable, Mapping
 import hashlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'

@@ -11,15 +11,16 @@ which the checkpoint and resume tests check.
 
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 
 from experiments import common
-from infalign_jax import loop, train
+from infalign_jax import loop
+from infalign_jax import train
 
 
 def make_dataset(

@@ -34,15 +34,15 @@ compared with the expected ones, and any difference raises
 the step directory to delete.
 """
 
+from collections.abc import Callable, Mapping
 import json
 import logging as std_logging
-from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import numpy as np
 from absl import logging
 from etils import epath
+import jax
+import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
 from infalign_jax import train

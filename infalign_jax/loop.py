@@ -12,17 +12,19 @@ started again with the same arguments ends with the same parameters, bit for
 bit, on the same machine and software.
 """
 
-import time
 from collections.abc import Callable, Mapping, Sequence
+import time
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from etils import epath
 
-from infalign_jax import checkpointing, metrics, train
+from infalign_jax import checkpointing
+from infalign_jax import metrics
+from infalign_jax import train
 
 CHECKPOINT_DIR = 'checkpoints'
 

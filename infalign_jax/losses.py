@@ -35,8 +35,8 @@ NOTE: k3 of a sequence log ratio below about -88 overflows float32
 under pi_ref; k1 and k2 have no such limit.
 """
 
-import numbers
 from collections.abc import Callable
+import numbers
 
 import jax
 import jax.numpy as jnp

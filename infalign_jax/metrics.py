@@ -18,18 +18,18 @@ whose first entry is a `SessionLog.START` event at `resume_step + 1`, which
 makes TensorBoard discard the older points at or after that step.
 """
 
+from collections.abc import Mapping, Sequence
 import json
 import os
 import socket
 import struct
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import jax
-import numpy as np
 from absl import logging
 from etils import epath
+import jax
+import numpy as np
 
 Scalars = Mapping[str, Any]
 

@@ -20,10 +20,10 @@ Notation: B prompts, S policy samples per prompt, M reference samples per
 prompt, T completion tokens.
 """
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from infalign_jax import calibration, losses, train, transforms
+from infalign_jax import calibration
+from infalign_jax import losses
+from infalign_jax import train
+from infalign_jax import transforms
 
 __all__ = (
     'ALGORITHMS',
@@ -193,9 +196,7 @@ def _is_int(value) -> bool:
 
 def _real(name: str, value) -> float:
   """Return `value` as a finite float; reject bools and non-numbers."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, numbers.Real
-  ):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
     raise ValueError(f'{name} must be a real number, got {value!r}.')
   value = float(value)
   if not math.isfinite(value):

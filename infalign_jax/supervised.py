@@ -19,7 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from infalign_jax import models, train
+from infalign_jax import models
+from infalign_jax import train
 
 __all__ = (
     'bradley_terry_loss',

@@ -27,9 +27,10 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import optax
 
 DATA_AXIS = 'data'
 

@@ -3,10 +3,15 @@
 import inspect
 import types
 
-from absl.testing import absltest, parameterized
+from absl.testing import absltest
+from absl.testing import parameterized
 
 import infalign_jax
-from infalign_jax import analysis, base, calibration, procedures, transforms
+from infalign_jax import analysis
+from infalign_jax import base
+from infalign_jax import calibration
+from infalign_jax import procedures
+from infalign_jax import transforms
 
 _MODULES = (infalign_jax, analysis, base, calibration, procedures, transforms)
 

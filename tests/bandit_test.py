@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bandit, common
+from experiments import bandit
+from experiments import common
 from experiments.configs import bandit as bandit_config
-from infalign_jax import calibration, transforms
+from infalign_jax import calibration
+from infalign_jax import transforms
 
 # The reduced run (K = 128, 250 steps) still lands within the full check's
 # tolerance; its largest error was 0.0036 at 300 steps when written.

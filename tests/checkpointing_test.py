@@ -4,14 +4,16 @@ import json
 import pathlib
 import tempfile
 
+from absl.testing import absltest
+from absl.testing import parameterized
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest, parameterized
-from etils import epath
 
-from infalign_jax import checkpointing, train
+from infalign_jax import checkpointing
+from infalign_jax import train
 
 _CONFIG = json.dumps({'model': {'width': 4}, 'learning_rate': 0.1})
 _TABLE = {'reference': 'ref-v1', 'num_reference_samples': 8, 'seed': 3}

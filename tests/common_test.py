@@ -82,9 +82,7 @@ class RunExperimentTest(_TempdirTestCase):
   def test_missing_summary_keys_rejected(self):
     workdir = self._tempdir()
     with self.assertRaisesRegex(KeyError, 'final_params_sha256'):
-      common.run_experiment(
-          lambda c, w: {'final_step': 0}, _config(), workdir
-      )
+      common.run_experiment(lambda c, w: {'final_step': 0}, _config(), workdir)
 
 
 class ParamsSha256Test(_TempdirTestCase):

@@ -12,11 +12,14 @@ import tempfile
 import textwrap
 import time
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
 
-from infalign_jax.data import fetch, synthetic, vader_ratings
+from infalign_jax.data import fetch
+from infalign_jax.data import synthetic
+from infalign_jax.data import vader_ratings
 
 # Examples per subset in the killed build: enough that building takes about a
 # second, which leaves time to kill it half-way.

@@ -12,10 +12,11 @@ import tarfile
 import tempfile
 import time
 
-import pytest
 from absl.testing import absltest
+import pytest
 
-from infalign_jax.data import fetch, synthetic
+from infalign_jax.data import fetch
+from infalign_jax.data import synthetic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = fetch.archive_path(REPO_ROOT / 'data')

@@ -3,14 +3,16 @@
 import itertools
 import pathlib
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import hypothesis
-import numpy as np
-import pytest
-from absl.testing import absltest, parameterized
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+import numpy as np
+import pytest
 
-from infalign_jax.data import fetch, judge
+from infalign_jax.data import fetch
+from infalign_jax.data import judge
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = REPO_ROOT / 'data'

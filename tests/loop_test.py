@@ -4,13 +4,17 @@ import json
 import pathlib
 import tempfile
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest, parameterized
 
-from infalign_jax import checkpointing, loop, metrics, train
+from infalign_jax import checkpointing
+from infalign_jax import loop
+from infalign_jax import metrics
+from infalign_jax import train
 
 _CONFIG_JSON = json.dumps({'problem': 'quadratic', 'learning_rate': 0.1})
 
@@ -116,8 +120,8 @@ class RunTrainingTest(parameterized.TestCase):
   def test_nonfinite_stops_before_checkpoint(self):
     # The batch at data position 2 is read by step 3.
     with self.assertRaisesRegex(
-        loop.NonFiniteError, 'at step 3. A re-run resumes from the '
-        'checkpoint of step 2'
+        loop.NonFiniteError,
+        'at step 3. A re-run resumes from the ' 'checkpoint of step 2',
     ):
       self._run(
           self.tmp, 8, batch_fn=_make_batch_fn(poison_position=2), log_every=50

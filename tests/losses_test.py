@@ -6,9 +6,9 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 from infalign_jax import losses
 

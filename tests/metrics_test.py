@@ -4,13 +4,12 @@ import json
 import pathlib
 import tempfile
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
-from tensorboard.backend.event_processing import (
-    event_accumulator,
-    event_file_loader,
-)
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.compat.proto import event_pb2
 
 from infalign_jax import metrics

@@ -2,12 +2,13 @@
 
 import math
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
-from hypothesis import strategies as st
 
 from infalign_jax import models
 

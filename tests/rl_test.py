@@ -7,7 +7,10 @@ import optax
 import pytest
 
 from experiments import bandit
-from infalign_jax import losses, rl, train, transforms
+from infalign_jax import losses
+from infalign_jax import rl
+from infalign_jax import train
+from infalign_jax import transforms
 
 # A small bandit: 2 prompts, 4 responses, reference masses c / 8.
 _REWARDS = np.array([[0.3, -1.0, 2.0, 0.7], [1.5, 0.2, -0.4, 0.9]], np.float32)
@@ -82,7 +85,7 @@ def _np_log_softmax(x):
         (dict(beta=0.1, calibrate='no'), "calibrate must be a bool, got 'no'"),
         (
             dict(beta=0.1, transform='exp', transform_params={'t': 200.0}),
-            r"t=200 and normalize=False overflows float32.*u > 0\.44.*"
+            r't=200 and normalize=False overflows float32.*u > 0\.44.*'
             r"'normalize': True",
         ),
         (
@@ -123,7 +126,9 @@ def test_rl_config_accepts_numpy_scalars():
 
 def test_rl_config_accepts_large_t_when_normalized():
   config = rl.RLConfig(
-      beta=0.1, transform='exp', transform_params={'t': 200.0, 'normalize': True}
+      beta=0.1,
+      transform='exp',
+      transform_params={'t': 200.0, 'normalize': True},
   )
   assert config.transform_params['normalize']
   assert rl.RLConfig(beta=0.1, transform='exp', transform_params={'t': 88.0})

@@ -2,13 +2,15 @@
 
 import itertools
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
 from scipy import stats
 
-from infalign_jax import models, sampling
+from infalign_jax import models
+from infalign_jax import sampling
 
 _CONFIG = models.TransformerConfig(
     vocab_size=6, width=16, num_layers=2, num_heads=2, max_len=16
@@ -357,7 +359,6 @@ class CompletionLogprobsTest(parameterized.TestCase):
     self.assertGreater(
         float(jnp.abs(grads['block_0']['query']['kernel']).max()), 0
     )
-
 
   def test_rejects_completion_token_outside_vocabulary(self):
     completions = jnp.array([[[3, 5, 0]], [[1, 9, 2]], [[4, 2, 5]]], jnp.int32)

@@ -9,17 +9,18 @@ import subprocess
 import sys
 import time
 
+from etils import epath
 import jax
 import numpy as np
 import pytest
-from etils import epath
 
 from experiments import common
 from experiments.configs import sentiment as sentiment_config
 from experiments.sentiment import prompts as prompts_lib
 from experiments.sentiment import report as report_lib
 from experiments.sentiment import stages
-from infalign_jax import calibration, models
+from infalign_jax import calibration
+from infalign_jax import models
 from infalign_jax import train as train_lib
 from infalign_jax.data import fetch
 
@@ -453,11 +454,9 @@ def _two_steps(trainer, params, frozen=None):
 # width-512, 8-layer model; hence `make test-slow` only.
 @pytest.mark.slow
 def test_large_config_trainers_run_two_steps():
-  from experiments.sentiment import (
-      ctrl,  # pylint: disable=g-import-not-at-top
-      policy,  # pylint: disable=g-import-not-at-top
-      training,  # pylint: disable=g-import-not-at-top
-  )
+  from experiments.sentiment import ctrl  # pylint: disable=g-import-not-at-top
+  from experiments.sentiment import policy  # pylint: disable=g-import-not-at-top
+  from experiments.sentiment import training  # pylint: disable=g-import-not-at-top
 
   config = sentiment_config.get_config('large')
   config.lm.batch_size = 2

@@ -2,16 +2,19 @@
 
 import math
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import hypothesis
+from hypothesis import strategies as st
 import jax
+from jax import test_util
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest, parameterized
-from hypothesis import strategies as st
-from jax import test_util
 
-from infalign_jax import models, supervised, train
+from infalign_jax import models
+from infalign_jax import supervised
+from infalign_jax import train
 
 _CONFIG = models.TransformerConfig(
     vocab_size=13, width=16, num_layers=1, num_heads=2, max_len=8

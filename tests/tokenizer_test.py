@@ -1,9 +1,9 @@
 """Tests for infalign_jax.data.tokenizer."""
 
-import hypothesis
-import numpy as np
 from absl.testing import absltest
+import hypothesis
 from hypothesis import strategies as st
+import numpy as np
 
 from infalign_jax.data import tokenizer as tokenizer_lib
 

@@ -5,8 +5,8 @@ each split as one JSON file of examples (id, subset, text, mean rating, raw
 ratings), which every later stage reads in well under a second.
 """
 
-import json
 from collections.abc import Sequence
+import json
 from typing import Any
 
 from absl import logging

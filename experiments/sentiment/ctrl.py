@@ -4,20 +4,26 @@ Notation: B prompts, S policy samples per prompt, M reference samples per
 prompt, L continuation tokens.
 """
 
-import json
 from collections.abc import Mapping, Sequence
+import json
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 
-from experiments.sentiment import evaluation, policy, training
-from infalign_jax import analysis, calibration, rl, sampling, transforms
+from experiments.sentiment import evaluation
+from experiments.sentiment import policy
+from experiments.sentiment import training
+from infalign_jax import analysis
+from infalign_jax import calibration
+from infalign_jax import rl
+from infalign_jax import sampling
+from infalign_jax import transforms
 from infalign_jax.data import judge
 
 TABLE_FOLDER = 'table'

@@ -18,15 +18,19 @@ import json
 import math
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 
-from experiments.sentiment import corpus, ctrl, policy, stages, training
+from experiments.sentiment import corpus
+from experiments.sentiment import ctrl
+from experiments.sentiment import policy
 from experiments.sentiment import prompts as prompts_lib
 from experiments.sentiment import report as report_lib
+from experiments.sentiment import stages
+from experiments.sentiment import training
 from infalign_jax import analysis
 
 # Betas of the calibrated-space prediction curves in the plots.

@@ -9,23 +9,24 @@ first EOS. The reward model and the VADER judge both see prompt plus
 continuation.
 """
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import logging
+from etils import epath
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 
 from experiments import common
-from infalign_jax import models, sampling
+from infalign_jax import models
+from infalign_jax import sampling
 from infalign_jax.data import tokenizer as tokenizer_lib
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()

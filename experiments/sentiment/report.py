@@ -13,17 +13,17 @@ sqrt(se_challenger^2 + se_baseline^2). The KL estimates' own standard errors
 are left out of that ratio.
 """
 
+from collections.abc import Mapping, Sequence
 import json
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
 
 matplotlib.use('Agg')
+from etils import epath  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
 
 from experiments import common  # noqa: E402
 

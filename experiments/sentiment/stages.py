@@ -10,12 +10,12 @@ its work and overwrites its files. A folder started for another identity is
 cleared before the stage runs again.
 """
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging

@@ -8,21 +8,25 @@ needed. The train state stores the position, so a run resumed from a
 checkpoint reads exactly the batches it would have read.
 """
 
+from collections.abc import Callable, Mapping, Sequence
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 
 from experiments.sentiment import policy
-from infalign_jax import loop, losses, models, supervised, train
+from infalign_jax import loop
+from infalign_jax import losses
+from infalign_jax import models
+from infalign_jax import supervised
+from infalign_jax import train
 from infalign_jax.data import judge
 
 

@@ -15,7 +15,8 @@ import optax
 import pytest
 
 from experiments import bandit
-from infalign_jax import rl, train
+from infalign_jax import rl
+from infalign_jax import train
 
 _NUM_DEVICES = 8
 _NUM_STEPS = 3
