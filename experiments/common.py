@@ -1,8 +1,8 @@
 """Run bookkeeping shared by every experiment.
 
-Each run owns its workdir. The first run writes `config.json` there; a later
-run with the same workdir must use the same config (it resumes), and a run
-with a different config is rejected before it touches anything. At the end
+Each run owns its workdir. The first run writes `config.json` there. A later
+run with the same workdir resumes when its config is the same, and a run with
+a different config is rejected before it touches anything. At the end
 every run writes `summary.json` with the final step and a SHA-256 over the
 final parameters.
 """
@@ -47,7 +47,7 @@ def check_workdir_config(
   """Record the config in `workdir`, or check it matches the recorded one.
 
   Raises:
-    ValueError: the workdir holds a run made with another config.
+    ValueError: the workdir contains a run made with another config.
   """
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / CONFIG_FILE
@@ -61,7 +61,7 @@ def check_workdir_config(
           if recorded.get(key) != current.get(key)
       )
       raise ValueError(
-          f'Workdir {workdir} holds a run made with another config (fields '
+          f'Workdir {workdir} contains a run made with another config (fields '
           f'that differ: {differing}; recorded config in {path}). Resume '
           'with the recorded config, or choose a new --workdir.'
       )
