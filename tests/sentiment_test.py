@@ -369,7 +369,7 @@ def test_other_config_workdir_rejected(smoke_run):
   config.rl.kl_targets = (0.3,)
   from experiments import sentiment  # pylint: disable=g-import-not-at-top
 
-  with pytest.raises(ValueError, match='holds a run made with another config'):
+  with pytest.raises(ValueError, match='contains a run made with another config'):
     common.run_experiment(sentiment.run, config, str(workdir))
 
 
