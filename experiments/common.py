@@ -92,15 +92,15 @@ def log_environment(config: ml_collections.ConfigDict) -> None:
 
 
 def _forget_failed_start(workdir: epath.Path, *, remove_dir: bool) -> None:
-  """Undo the config record of a first run that failed before any artifact.
+  """Undo the config record of a first run that failed on invalid input.
 
   A config rejected by the experiment's own validation must not lock the
-  workdir: the corrected command has to be able to start there.
+  workdir: the corrected command has to be able to start there. Artifacts
+  the failed run wrote stay, and each experiment checks their identity
+  (stage identities, checkpoint config) before it reuses them.
   """
-  if [p.name for p in workdir.iterdir()] != [CONFIG_FILE]:
-    return
-  (workdir / CONFIG_FILE).unlink()
-  if remove_dir:
+  (workdir / CONFIG_FILE).unlink(missing_ok=True)
+  if remove_dir and not any(workdir.iterdir()):
     workdir.rmdir()
   logging.info('Removed the config record of the failed start in %s', workdir)
 
@@ -127,7 +127,10 @@ def run_experiment(
   start = time.time()
   try:
     result = dict(run_fn(config, workdir_path))
-  except Exception:
+  except ValueError:
+    # Invalid config values and inputs raise ValueError; other failures
+    # (a crash, a non-finite loss) keep the record, so only a resume with
+    # the same config continues the run.
     if fresh:
       _forget_failed_start(workdir_path, remove_dir=created)
     raise

@@ -67,6 +67,18 @@ class RunExperimentTest(_TempdirTestCase):
     summary = common.run_experiment(_ok_run, _config(), workdir)
     self.assertEqual(summary['final_step'], 3)
 
+  def test_invalid_input_after_artifacts_frees_workdir(self):
+    workdir = self._tempdir()
+
+    def late_invalid_run(config, workdir):
+      (workdir / 'stage_one.txt').write_text('done')
+      raise ValueError('config.evaluation.samples_per_prompt is too small')
+
+    with self.assertRaisesRegex(ValueError, 'too small'):
+      common.run_experiment(late_invalid_run, _config(), workdir)
+    summary = common.run_experiment(_ok_run, _config(steps=5), workdir)
+    self.assertEqual(summary['final_step'], 5)
+
   def test_failure_after_artifacts_keeps_config(self):
     workdir = self._tempdir()
 

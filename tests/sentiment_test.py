@@ -182,6 +182,19 @@ def test_matched_kl_behind():
   assert comparison['points'][0]['difference'] == pytest.approx(-0.1)
 
 
+def test_matched_kl_behind_within_noise():
+  rows = [
+      _row('baseline', 0.1, 1.0, 0.7, 0.05),
+      _row('exp', 0.1, 0.5, 0.59, 0.05),
+  ]
+  comparison = report_lib.compare_at_matched_kl(
+      rows, challenger='exp', baseline='baseline', metric='bon', label='BoN'
+  )
+  # Baseline at KL 0.5: 0.6 with se 0.025, so z = -0.01 / 0.056 = -0.18.
+  assert comparison['verdict'] == 'behind_within_noise'
+  assert 'not everywhere by 2 standard errors' in comparison['statement']
+
+
 def test_report_writes_table_and_plots(tmp_path):
   directory = epath.Path(tmp_path)
   rows = [
@@ -369,7 +382,9 @@ def test_other_config_workdir_rejected(smoke_run):
   config.rl.kl_targets = (0.3,)
   from experiments import sentiment  # pylint: disable=g-import-not-at-top
 
-  with pytest.raises(ValueError, match='contains a run made with another config'):
+  with pytest.raises(
+      ValueError, match='contains a run made with another config'
+  ):
     common.run_experiment(sentiment.run, config, str(workdir))
 
 
@@ -509,3 +524,46 @@ def _run_large_trainers(
     for metrics in _two_steps(trainer, params, frozen):
       assert np.isfinite(metrics['loss'])
       assert metrics['nonfinite_count'] == 0
+
+
+@pytest.mark.parametrize(
+    ('group', 'name', 'value', 'message'),
+    [
+        ('rl', 'kl_targets', (), 'kl_targets must list'),
+        ('calibration', 'num_samples', 1, 'must be at least 2'),
+        ('rl', 'steps', -1, r'config\.rl\.steps must be a positive'),
+        ('evaluation', 'samples_per_prompt', 2, 'need at least N samples'),
+        ('evaluation', 'batch_prompts', 0, 'batch_prompts must be'),
+    ],
+)
+def test_invalid_config_rejected_before_stages(
+    tmp_path, group, name, value, message
+):
+  from experiments import sentiment  # noqa: PLC0415
+
+  config = sentiment_config.get_config('smoke')
+  config[group][name] = value
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=message):
+    common.run_experiment(sentiment.run, config, str(workdir))
+  # Nothing is left behind, so the corrected command can start there.
+  assert not workdir.exists()
+
+
+def test_variant_configs_are_valid():
+  from experiments.sentiment import pipeline  # noqa: PLC0415
+
+  for variant in (None, 'smoke', 'large'):
+    pipeline.validate_config(sentiment_config.get_config(variant))
+
+
+def test_save_params_overwrites_left_over_file(tmp_path):
+  from experiments.sentiment import policy  # noqa: PLC0415
+
+  directory = epath.Path(tmp_path)
+  # A run killed after saving but before done.json leaves params behind;
+  # the redone stage must be able to save again.
+  policy.save_params(directory, {'w': np.zeros(3, np.float32)})
+  policy.save_params(directory, {'w': np.ones(3, np.float32)})
+  restored = policy.load_params(directory)
+  np.testing.assert_array_equal(restored['w'], np.ones(3, np.float32))

@@ -43,8 +43,61 @@ def _run_name(method: str, kl_target: float) -> str:
   return f'rl_{method}_kl{kl_target:g}'
 
 
+_POSITIVE_INT_FIELDS = (
+    'lm.steps',
+    'lm.batch_size',
+    'reward.steps',
+    'reward.batch_size',
+    'prompts.num_words',
+    'prompts.num_train',
+    'prompts.num_eval',
+    'prompts.continuation_length',
+    'calibration.batch_prompts',
+    'rl.steps',
+    'rl.batch_prompts',
+    'evaluation.batch_prompts',
+)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Reject config values that would fail late or give a meaningless report.
+
+  Raises:
+    ValueError: naming the config field, its value and what is allowed.
+  """
+  for field in _POSITIVE_INT_FIELDS:
+    group, name = field.split('.')
+    value = config[group][name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(
+          f'config.{field} must be a positive integer, got {value!r}.'
+      )
+  if not config.rl.kl_targets or any(
+      not target > 0 for target in config.rl.kl_targets
+  ):
+    raise ValueError(
+        'config.rl.kl_targets must list one or more positive KL values in '
+        f'nats, got {tuple(config.rl.kl_targets)!r}.'
+    )
+  if config.calibration.num_samples < 2:
+    raise ValueError(
+        'config.calibration.num_samples (M) must be at least 2, because with '
+        'one reference sample the calibrated reward is only 0, 1/2 or 1; got '
+        f'{config.calibration.num_samples}.'
+    )
+  n = config.evaluation.procedure_n
+  for field in ('samples_per_prompt', 'ref_samples_per_prompt'):
+    if config.evaluation[field] < n:
+      raise ValueError(
+          f'config.evaluation.{field}={config.evaluation[field]} is below '
+          f'config.evaluation.procedure_n={n}; the BoN and WoN estimators '
+          'need at least N samples per prompt.'
+      )
+
+
 def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   """Run (or resume) every stage and return the summary fields."""
+  validate_config(config)
   workdir = epath.Path(workdir)
   data_dir = config.data.data_dir
   archive_sha256 = corpus.archive_sha256(data_dir)

@@ -12,6 +12,7 @@ continuation.
 from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -92,7 +93,8 @@ def save_params(directory: epath.Path, params: Any) -> str:
   path = directory / PARAMS_FILE
   tmp = directory / f'.{PARAMS_FILE}.tmp'
   tmp.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(params)))
-  tmp.rename(path)
+  # os.replace overwrites a file left by a run killed before done.json.
+  os.replace(tmp, path)
   return common.params_sha256(params)
 
 

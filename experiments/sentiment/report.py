@@ -72,7 +72,8 @@ def compare_at_matched_kl(
   Returns:
     A dict with `points` (one per matched KL: kl, both values and standard
     errors, difference, difference in standard errors), `verdict` (one of
-    'beat', 'ahead_within_noise', 'mixed', 'behind', 'no_overlap') and
+    'beat', 'ahead_within_noise', 'mixed', 'behind_within_noise', 'behind',
+    'no_overlap') and
     `statement`, a plain sentence for the report.
   """
   base = measured_curve(rows, baseline, metric)
@@ -127,8 +128,14 @@ def compare_at_matched_kl(
         'Ahead at every matched KL, but not everywhere by '
         f'{CLEAR_WIN_STANDARD_ERRORS:g} standard errors'
     )
+  elif all(z <= -CLEAR_WIN_STANDARD_ERRORS for z in z_scores):
+    verdict, summary = 'behind', 'No, behind beyond noise at every matched KL'
   elif all(z < 0 for z in z_scores):
-    verdict, summary = 'behind', 'No, behind at every matched KL'
+    verdict = 'behind_within_noise'
+    summary = (
+        'No, behind at every matched KL, but not everywhere by '
+        f'{CLEAR_WIN_STANDARD_ERRORS:g} standard errors'
+    )
   else:
     verdict, summary = 'mixed', 'Mixed: ahead at some matched KLs only'
   return {
