@@ -402,6 +402,46 @@ def _prepare(
   return key, prompt_tokens, prompt_lengths
 
 
+def _validate_and_sample(
+    sampler,
+    key,
+    params,
+    config,
+    prompt_tokens,
+    prompt_lengths,
+    *,
+    num_samples,
+    max_new_tokens,
+    temperature,
+    eos_id,
+    pad_id,
+) -> SampleOutput:
+  """Check the arguments of `sample` on the host, then call `sampler`."""
+  key, prompt_tokens, prompt_lengths = _prepare(
+      key,
+      config,
+      prompt_tokens,
+      prompt_lengths,
+      num_samples=num_samples,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      eos_id=eos_id,
+      pad_id=pad_id,
+  )
+  return sampler(
+      key,
+      params,
+      prompt_tokens,
+      prompt_lengths,
+      jnp.asarray(temperature, jnp.float32),
+      config=config,
+      num_samples=num_samples,
+      max_new_tokens=max_new_tokens,
+      eos_id=None if eos_id is None else int(eos_id),
+      pad_id=int(pad_id),
+  )
+
+
 def sample(
     key: jax.Array,
     params: Params,
@@ -454,8 +494,10 @@ def sample(
     TypeError: on a key that is not a single PRNG key, or prompts that cannot
       be converted to an array.
   """
-  key, prompt_tokens, prompt_lengths = _prepare(
+  return _validate_and_sample(
+      _sample_cached,
       key,
+      params,
       config,
       prompt_tokens,
       prompt_lengths,
@@ -464,18 +506,6 @@ def sample(
       temperature=temperature,
       eos_id=eos_id,
       pad_id=pad_id,
-  )
-  return _sample_cached(
-      key,
-      params,
-      prompt_tokens,
-      prompt_lengths,
-      jnp.asarray(temperature, jnp.float32),
-      config=config,
-      num_samples=num_samples,
-      max_new_tokens=max_new_tokens,
-      eos_id=None if eos_id is None else int(eos_id),
-      pad_id=int(pad_id),
   )
 
 
@@ -499,8 +529,10 @@ def sample_without_cache(
   implementation for tests and as the baseline in the sampling benchmark.
   Arguments, return value and errors are those of `sample`.
   """
-  key, prompt_tokens, prompt_lengths = _prepare(
+  return _validate_and_sample(
+      _sample_uncached,
       key,
+      params,
       config,
       prompt_tokens,
       prompt_lengths,
@@ -509,18 +541,6 @@ def sample_without_cache(
       temperature=temperature,
       eos_id=eos_id,
       pad_id=pad_id,
-  )
-  return _sample_uncached(
-      key,
-      params,
-      prompt_tokens,
-      prompt_lengths,
-      jnp.asarray(temperature, jnp.float32),
-      config=config,
-      num_samples=num_samples,
-      max_new_tokens=max_new_tokens,
-      eos_id=None if eos_id is None else int(eos_id),
-      pad_id=int(pad_id),
   )
 
 
