@@ -128,9 +128,9 @@ def run_experiment(
   try:
     result = dict(run_fn(config, workdir_path))
   except ValueError:
-    # Invalid config values and inputs raise ValueError; other failures
-    # (a crash, a non-finite loss) keep the record, so only a resume with
-    # the same config continues the run.
+    # Invalid config values and inputs raise ValueError. Other failures,
+    # such as a crash or a non-finite loss, keep the record, so only a
+    # resume with the same config continues the run.
     if fresh:
       _forget_failed_start(workdir_path, remove_dir=created)
     raise

@@ -259,7 +259,7 @@ def _unbatch(values: np.ndarray, scalar: bool):
 #
 # log q is taken piecewise linear between nodes, and each cell is integrated
 # exactly: a cell of width h whose log-density falls by x from its high end
-# `hi` holds mass h e^hi (1 - e^-x) / x. This is exact for the identity at
+# `hi` has mass h e^hi (1 - e^-x) / x. This is exact for the identity at
 # any beta, and a density far narrower than a cell (exp with t = 200 at
 # beta = 1e-3 is 1e-92 wide) still gets its exact mass and KL. Everything is
 # computed from log masses, so nothing overflows or underflows to NaN.
@@ -770,7 +770,7 @@ def choose_t_details(
   rate is found on a log-spaced grid of `num_candidates` values, then
   refined by golden-section search between its neighbours. When the best t
   is at an end of `t_range`, the optimum may lie outside it: a warning is
-  logged and 'at_limit' says which end.
+  logged and 'at_limit' names that end.
 
   Args:
     procedure: 'standard', 'bon', 'won', or a map g on CDFs.

@@ -43,7 +43,7 @@ def check_finite(name: str, x) -> None:
   if is_traced(x):
     return
   values = np.asarray(x)
-  # jnp.issubdtype also knows the ml_dtypes floats (bfloat16) that NumPy's
+  # jnp.issubdtype also recognizes the ml_dtypes floats (bfloat16) that NumPy's
   # own type hierarchy does not.
   real = jnp.issubdtype(values.dtype, jnp.floating) or jnp.issubdtype(
       values.dtype, jnp.integer

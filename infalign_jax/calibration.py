@@ -82,7 +82,7 @@ def _comparison_dtype(rewards: jax.Array, sorted_ref: jax.Array) -> jnp.dtype:
       if jnp.issubdtype(array.dtype, jnp.integer) and not base.is_traced(array):
         if array.size and int(jnp.max(jnp.abs(array))) > _FLOAT32_EXACT_INT:
           raise ValueError(
-              f'{name} holds integers beyond 2**24 in magnitude, which are '
+              f'{name} contains integers beyond 2**24 in magnitude, which are '
               'not exact in float32, next to float rewards. Enable x64 '
               "(jax.config.update('jax_enable_x64', True)) or pass both "
               'arrays as the same dtype.'
@@ -630,7 +630,7 @@ class CalibrationTable:
     try:
       with open(meta_path, encoding='utf-8') as f:
         meta = json.load(f)
-      # allow_pickle=False: a table holds numbers and strings only.
+      # allow_pickle=False: a table contains numbers and strings only.
       table = cls(
           sorted_rewards=np.load(
               os.path.join(directory, _ROWS_FILE), allow_pickle=False

@@ -1,6 +1,6 @@
 """Token log-probabilities, KL estimators and KL-regularized RL losses.
 
-Arrays in, arrays out: nothing here sees a model. Every loss returns one value
+Arrays in, arrays out: no function here takes a model. Every loss returns one value
 per prompt `[B]` and leaves the reduction over prompts to the caller.
 
 Notation: B prompts, S policy samples per prompt, T tokens, V vocabulary.

@@ -77,8 +77,8 @@ class TransformerConfig:
       'last' (the last valid token) or 'mean' (masked mean over valid
       tokens). Ignored by the language model.
     ngram_orders: reward model only: orders k of hashed token n-grams whose
-      embeddings are added to each position's input, so a byte-level model
-      sees words from its first layer. Each n-gram ends at its position, so
+      embeddings are added to each position's input, so a byte-level model can
+      recognize words from its first layer. Each n-gram ends at its position, so
       causality and right-padding invariance hold. Empty means none. The
       language model rejects a non-empty value, because cached decoding
       feeds one token at a time.
@@ -598,7 +598,7 @@ def reward_scores(
   """Score right-padded sequences with the reward model.
 
   The score is a linear head on the pooled final hidden states, as
-  `config.reward_pooling` says. 'last' takes the last valid token, index
+  `config.reward_pooling` selects. 'last' takes the last valid token, index
   `sum(mask) - 1`: with causal attention that state has seen the whole valid
   sequence and no padding, and a row whose mask is all False is scored at
   position 0. 'mean' averages the valid positions (an all-False row scores

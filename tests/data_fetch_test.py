@@ -34,7 +34,7 @@ def _sha256(path: pathlib.Path) -> str:
 
 @contextlib.contextmanager
 def _offline_pip(find_links: pathlib.Path):
-  """Sets pip's environment so it sees no index, only `find_links`."""
+  """Set pip's environment so that it uses no index, only `find_links`."""
   settings = {
       'PIP_CONFIG_FILE': os.devnull,
       'PIP_NO_INDEX': '1',

@@ -20,7 +20,7 @@ _CONFIG_JSON = json.dumps({'problem': 'quadratic', 'learning_rate': 0.1})
 
 
 def _loss_fn(params, batch, frozen, key):
-  """Squared distance to a noisy target; NaN when the batch asks for it."""
+  """Squared distance to a noisy target; NaN when the batch requests it."""
   target = batch['target'] + frozen * jax.random.normal(key, (3,))
   loss = jnp.sum((params['w'] - target) ** 2)
   loss = jnp.where(batch['poison'], jnp.nan, loss)

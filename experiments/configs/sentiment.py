@@ -105,7 +105,7 @@ def _default_config() -> ml_collections.ConfigDict:
   # this budget (pair accuracy 0.52-0.54).
   config.reward.pooling = 'mean'
   # Orders of hashed byte n-grams whose embeddings are added to the reward
-  # model's inputs, so it sees words from its first layer.
+  # model's inputs, so it can recognize words from its first layer.
   config.reward.ngram_orders = (2, 3, 4, 5)
   # Rows of each n-gram embedding table.
   config.reward.ngram_buckets = 8192

@@ -179,7 +179,7 @@ def method_transform_params(method: str, t: float | None) -> dict[str, Any]:
 
 
 def method_transform(method: str, t: float | None) -> transforms.Transform:
-  """The transform Phi of a method; the baseline's is the identity."""
+  """Make the transform Phi of a method (the identity for the baseline)."""
   if method in ('baseline', 'identity'):
     return transforms.make_transform('identity')
   return transforms.make_transform(method, **method_transform_params(method, t))

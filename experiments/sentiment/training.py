@@ -61,7 +61,7 @@ def _mask(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 class Trainer(NamedTuple):
-  """What a training stage needs besides its parameters.
+  """Step, optimizer and batches of one training stage.
 
   Attributes:
     train_step: pure `train_step(state, batch, frozen) -> (state, metrics)`.

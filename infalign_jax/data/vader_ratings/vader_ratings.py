@@ -392,7 +392,7 @@ def build(
     fetch.ArchiveMissingError: the archive has not been fetched.
     fetch.ArchiveDamagedError: the archive or its files are not as expected.
     DatasetDamagedError: `DATA_DIR/vader_ratings/1.0.0` exists but its
-      metadata cannot be read; the message says to delete the folder.
+      metadata cannot be read; the message tells the user to delete the folder.
   """
   data_dir = pathlib.Path(data_dir)
   builder = _open_builder(data_dir, archive_sha256)
